@@ -1,0 +1,234 @@
+package waitstate
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/golang-jwt/jwt/v5"
+
+	"github.com/waitstate/waitstate-go/internal/wire"
+)
+
+// Protocol limits (SPEC §3, §4).
+const (
+	maxResponseBody = 1 << 20          // a larger response body is refused
+	maxRetryAfter   = 10 * time.Minute // Retry-After is honoured up to this
+	tokenLeeway     = 30 * time.Second // clock skew allowed on a token's times
+)
+
+// call is one request to the control plane.
+type call struct {
+	op     string // "token", "policy" or "pulse": for errors and logs
+	method string
+	path   string // below BaseURL, such as wire.PathPulse
+	body   []byte // nil for none
+	signed bool   // sign the request (SPEC §4)
+	bearer string // the JWT, for GET /v1/policy
+}
+
+// do sends k and returns the body of a 2xx answer whose signature verifies.
+// A non-2xx answer is a *StatusError. Nothing secret ends up in an error.
+func (c *Client) do(ctx context.Context, k call) ([]byte, error) {
+	var body io.Reader = http.NoBody
+	if k.body != nil {
+		body = bytes.NewReader(k.body)
+	}
+	req, err := http.NewRequestWithContext(ctx, k.method, c.base.JoinPath(k.path).String(), body)
+	if err != nil {
+		return nil, fmt.Errorf("waitstate: %s: building request: %w", k.op, err)
+	}
+	path := req.URL.RequestURI()
+	nonce := wire.RandomHex()
+	h := req.Header
+	h.Set("User-Agent", UserAgent)
+	h.Set(wire.HeaderKey, c.opts.PublishKey)
+	h.Set(wire.HeaderInstance, c.instanceID)
+	h.Set(wire.HeaderNonce, nonce)
+	if c.opts.SiteID != "" {
+		h.Set(wire.HeaderSite, c.opts.SiteID)
+	}
+	if k.body != nil {
+		h.Set("Content-Type", "application/json")
+	}
+	if k.signed {
+		ts := strconv.FormatInt(time.Now().Unix(), 10)
+		h.Set(wire.HeaderTimestamp, ts)
+		h.Set(wire.HeaderSignature, wire.Sign(c.opts.SecretKey, wire.RequestCanonical(k.method, path, ts, nonce, k.body)))
+	}
+	if k.bearer != "" {
+		h.Set("Authorization", "Bearer "+k.bearer)
+	}
+
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("waitstate: %s: %w", k.op, err)
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(io.LimitReader(resp.Body, maxResponseBody+1))
+	if resp.StatusCode < 200 || resp.StatusCode > 299 {
+		return nil, &StatusError{Op: k.op, StatusCode: resp.StatusCode, RetryAfter: parseRetryAfter(resp.Header.Get("Retry-After"))}
+	}
+	if err != nil {
+		return nil, fmt.Errorf("waitstate: %s: reading response: %w", k.op, err)
+	}
+	if len(data) > maxResponseBody {
+		return nil, fmt.Errorf("waitstate: %s: %w", k.op, ErrResponseTooLarge)
+	}
+	if !wire.Verify(c.opts.SecretKey, wire.ResponseCanonical(path, nonce, data), resp.Header.Get(wire.HeaderSignature)) {
+		return nil, fmt.Errorf("waitstate: %s: %w", k.op, ErrBadSignature)
+	}
+	return data, nil
+}
+
+// parseRetryAfter reads a Retry-After header in seconds or as an HTTP date,
+// capped at maxRetryAfter; zero when absent or unreadable.
+func parseRetryAfter(v string) time.Duration {
+	if v == "" {
+		return 0
+	}
+	var d time.Duration
+	if s, err := strconv.ParseUint(v, 10, 32); err == nil {
+		d = time.Duration(s) * time.Second
+	} else if t, err := http.ParseTime(v); err == nil {
+		d = time.Until(t)
+	}
+	return min(max(d, 0), maxRetryAfter)
+}
+
+// retryAfter returns the Retry-After of a 429 or 503 answer in err, if any.
+func retryAfter(err error) time.Duration {
+	var se *StatusError
+	if errors.As(err, &se) && (se.StatusCode == http.StatusTooManyRequests || se.StatusCode == http.StatusServiceUnavailable) {
+		return se.RetryAfter
+	}
+	return 0
+}
+
+// token is a validated JWT and when it must be refreshed.
+type token struct {
+	value     string
+	refreshAt time.Duration // client clock: half of its lifetime
+	expiresAt time.Duration // client clock: the end of its lifetime
+}
+
+// tokenClaims are the claims of SPEC §4.
+type tokenClaims struct {
+	jwt.RegisteredClaims
+	Site string `json:"site,omitempty"`
+}
+
+// fetchToken asks POST /v1/token for a JWT and validates it.
+func (c *Client) fetchToken(ctx context.Context) (*token, error) {
+	reqBody, err := json.Marshal(struct {
+		InstanceID string `json:"instanceId"`
+		SiteID     string `json:"siteId,omitempty"`
+	}{c.instanceID, c.opts.SiteID})
+	if err != nil {
+		return nil, err
+	}
+	received := c.clock()
+	data, err := c.do(ctx, call{op: "token", method: http.MethodPost, path: wire.PathToken, body: reqBody, signed: true})
+	if err != nil {
+		return nil, err
+	}
+	var resp struct {
+		Token     string  `json:"token"`
+		ExpiresIn float64 `json:"expiresIn"`
+	}
+	if err := json.Unmarshal(data, &resp); err != nil {
+		return nil, fmt.Errorf("waitstate: token: %w: %v", ErrBadResponse, err)
+	}
+	exp, err := c.validateToken(resp.Token)
+	if err != nil {
+		return nil, fmt.Errorf("waitstate: token: %w", err)
+	}
+	life := time.Until(exp)
+	if resp.ExpiresIn > 0 && resp.ExpiresIn < life.Seconds() {
+		life = time.Duration(resp.ExpiresIn * float64(time.Second))
+	}
+	if life <= 0 {
+		return nil, fmt.Errorf("waitstate: token: %w: already expired", ErrBadToken)
+	}
+	return &token{value: resp.Token, refreshAt: received + life/2, expiresAt: received + life}, nil
+}
+
+// validateToken checks a JWT as SPEC §4 says and returns its expiry: HS256
+// signed with the secret key, iss "waitstate", sub the publish key, exp
+// present, 30 s of leeway, and site equal to SiteID when one is set.
+func (c *Client) validateToken(s string) (time.Time, error) {
+	if s == "" {
+		return time.Time{}, fmt.Errorf("%w: empty", ErrBadToken)
+	}
+	var claims tokenClaims
+	_, err := c.jwtParser.ParseWithClaims(s, &claims, func(*jwt.Token) (any, error) {
+		return []byte(c.opts.SecretKey), nil
+	})
+	if err != nil {
+		return time.Time{}, fmt.Errorf("%w: %v", ErrBadToken, err)
+	}
+	if c.opts.SiteID != "" && claims.Site != c.opts.SiteID {
+		return time.Time{}, fmt.Errorf("%w: site claim does not match SiteID", ErrBadToken)
+	}
+	return claims.ExpiresAt.Time, nil
+}
+
+func newJWTParser(publishKey string) *jwt.Parser {
+	return jwt.NewParser(
+		jwt.WithValidMethods([]string{jwt.SigningMethodHS256.Alg()}),
+		jwt.WithIssuer(wire.Issuer),
+		jwt.WithSubject(publishKey),
+		jwt.WithExpirationRequired(),
+		jwt.WithLeeway(tokenLeeway),
+	)
+}
+
+// leaseResponse is the body of a signed answer from /v1/pulse or /v1/policy.
+type leaseResponse struct {
+	Policy     json.RawMessage `json:"policy"`
+	LeaseTTLMs json.RawMessage `json:"leaseTtlMs"`
+}
+
+// maxLease bounds a lease, so that a huge leaseTtlMs cannot overflow.
+const maxLease = 7 * 24 * time.Hour
+
+// parseLeaseResponse parses a verified body. policy is nil when the body
+// has none ("policy": null or absent). A malformed body wraps
+// ErrBadResponse; a refused policy wraps ErrBadPolicy.
+func (c *Client) parseLeaseResponse(data []byte) (policy *Policy, ttl time.Duration, err error) {
+	var resp leaseResponse
+	if err := json.Unmarshal(data, &resp); err != nil {
+		return nil, 0, fmt.Errorf("%w: %v", ErrBadResponse, err)
+	}
+	ttl = c.defaultLease()
+	if len(resp.LeaseTTLMs) != 0 && string(resp.LeaseTTLMs) != "null" {
+		ms, err := strconv.ParseFloat(string(resp.LeaseTTLMs), 64)
+		if err != nil || math.IsNaN(ms) {
+			return nil, 0, fmt.Errorf("%w: leaseTtlMs is not a number", ErrBadResponse)
+		}
+		if ms > 0 {
+			ttl = time.Duration(min(ms, float64(maxLease/time.Millisecond))) * time.Millisecond
+		}
+	}
+	if len(resp.Policy) == 0 || string(resp.Policy) == "null" {
+		return nil, ttl, nil
+	}
+	p, err := parsePolicy(resp.Policy)
+	if err != nil {
+		return nil, 0, err
+	}
+	return p, ttl, nil
+}
+
+// defaultLease is the lease when a response names none: 3 × the longer
+// interval.
+func (c *Client) defaultLease() time.Duration {
+	return 3 * max(c.opts.PulseInterval, c.opts.SyncInterval)
+}

@@ -1,0 +1,274 @@
+package waitstate
+
+import (
+	"hash/maphash"
+	"math"
+	"math/bits"
+	"strings"
+	"sync/atomic"
+	"time"
+)
+
+// Per-window tag tracking (SPEC §3).
+const (
+	// MaxWindowTags is how many distinct tags one window tracks; further
+	// tags are counted under OtherTag.
+	MaxWindowTags = 1024
+
+	// OtherTag is the reserved tag under which a window counts the tags
+	// beyond its first MaxWindowTags.
+	OtherTag = "_other"
+)
+
+// tableSize is the tag table's slot count: a power of two, twice
+// MaxWindowTags, so that a probe always finds an empty slot and stays short.
+const tableSize = 2 * MaxWindowTags
+
+// sealBit marks a counter whose window has been cut. A Gate whose atomic add
+// returns a value with this bit set knows its add was not counted, and
+// counts again in the window that replaced it: that is what makes counting
+// exactly-once without a lock on the hot path.
+const sealBit = 1 << 63
+
+// tagCounter counts the calls of one tag in one window.
+type tagCounter struct {
+	tag     string
+	usage   atomic.Uint64
+	bounced atomic.Uint64
+	_       [32]byte // keep busy counters on cache lines of their own
+}
+
+// add counts one call. It reports false when the window had already been
+// cut, in which case nothing was counted here.
+func (t *tagCounter) add(allowed bool) bool {
+	var n uint64
+	if allowed {
+		n = t.usage.Add(1)
+	} else {
+		n = t.bounced.Add(1)
+	}
+	return n&sealBit == 0
+}
+
+// seal freezes the counter and returns its final counts.
+func (t *tagCounter) seal() tagCount {
+	return tagCount{
+		Usage:   t.usage.Or(sealBit) &^ sealBit,
+		Bounced: t.bounced.Or(sealBit) &^ sealBit,
+	}
+}
+
+// peek returns the counts so far without freezing them.
+func (t *tagCounter) peek() tagCount {
+	return tagCount{Usage: t.usage.Load() &^ sealBit, Bounced: t.bounced.Load() &^ sealBit}
+}
+
+// tagCount is one tag's counts in a pulse.
+type tagCount struct {
+	Usage   uint64 `json:"usage"`
+	Bounced uint64 `json:"bounced"`
+}
+
+// window counts Gate calls between two pulses in a lock-free open-addressing
+// table: lookups and counting never allocate, and a tag is registered with
+// one allocation and a compare-and-swap the first time the window sees it.
+type window struct {
+	seed  maphash.Seed
+	slots [tableSize]atomic.Pointer[tagCounter]
+	n     atomic.Int32 // registered tags, at most MaxWindowTags
+	other tagCounter
+	start time.Duration // client clock when the window opened
+}
+
+func newWindow(seed maphash.Seed, start time.Duration) *window {
+	return &window{seed: seed, start: start, other: tagCounter{tag: OtherTag}}
+}
+
+// counter returns tag's counter, registering the tag when the window has not
+// seen it, or the OtherTag counter when the window is full.
+func (w *window) counter(tag string) *tagCounter {
+	i := maphash.String(w.seed, tag) & (tableSize - 1)
+	var fresh *tagCounter
+	for {
+		c := w.slots[i].Load()
+		if c == nil {
+			if fresh == nil {
+				if !w.reserve() {
+					return &w.other
+				}
+				fresh = &tagCounter{tag: strings.Clone(tag)}
+			}
+			if w.slots[i].CompareAndSwap(nil, fresh) {
+				return fresh
+			}
+			c = w.slots[i].Load() // another Gate took the slot first
+		}
+		if c.tag == tag {
+			if fresh != nil {
+				w.n.Add(-1) // it registered the same tag: give back our place
+			}
+			return c
+		}
+		i = (i + 1) & (tableSize - 1)
+	}
+}
+
+// reserve takes one of the window's MaxWindowTags places.
+func (w *window) reserve() bool {
+	for {
+		n := w.n.Load()
+		if n >= MaxWindowTags {
+			return false
+		}
+		if w.n.CompareAndSwap(n, n+1) {
+			return true
+		}
+	}
+}
+
+// windowCounts is what a window counted.
+type windowCounts struct {
+	usage, bounced uint64
+	tags           map[string]tagCount
+}
+
+// collect reads every counter, freezing them when seal is set (the window
+// is being cut) or not (a Stats peek). A user tag spelled like OtherTag is
+// merged into it.
+func (w *window) collect(seal bool) windowCounts {
+	wc := windowCounts{tags: make(map[string]tagCount, w.n.Load()+1)}
+	read := func(c *tagCounter) {
+		tc := c.peek()
+		if seal {
+			tc = c.seal()
+		}
+		if tc.Usage == 0 && tc.Bounced == 0 {
+			return
+		}
+		wc.usage += tc.Usage
+		wc.bounced += tc.Bounced
+		prev := wc.tags[c.tag]
+		wc.tags[c.tag] = tagCount{Usage: prev.Usage + tc.Usage, Bounced: prev.Bounced + tc.Bounced}
+	}
+	for i := range w.slots {
+		if c := w.slots[i].Load(); c != nil {
+			read(c)
+		}
+	}
+	read(&w.other)
+	return wc
+}
+
+// Latency histogram: log-linear buckets, 32 per power of two of
+// microseconds, so a bucket's midpoint is within 1/64 (1.6 %) of every value
+// in it. Values below 32 µs have exact buckets.
+const (
+	histSubBits = 5
+	histSub     = 1 << histSubBits
+	histBuckets = (64 - histSubBits + 1) * histSub
+)
+
+// histogram is cumulative and lock-free; a window's figures are the
+// difference between two snapshots, so nothing is ever reset under a writer.
+type histogram struct {
+	requests atomic.Uint64
+	errors   atomic.Uint64
+	buckets  [histBuckets]atomic.Uint64
+}
+
+func histIndex(us uint64) int {
+	if us < histSub {
+		return int(us)
+	}
+	e := bits.Len64(us) - 1 // e >= histSubBits
+	sub := (us >> (e - histSubBits)) & (histSub - 1)
+	return (e-histSubBits+1)<<histSubBits | int(sub)
+}
+
+// histMid is the midpoint of bucket i, in microseconds.
+func histMid(i int) float64 {
+	if i < histSub {
+		return float64(i)
+	}
+	e := i>>histSubBits + histSubBits - 1
+	sub := uint64(i & (histSub - 1))
+	low := (histSub + sub) << (e - histSubBits)
+	width := uint64(1) << (e - histSubBits)
+	return float64(low) + float64(width-1)/2
+}
+
+func (h *histogram) observe(latency time.Duration, failed bool) {
+	us := uint64(max(latency, 0) / time.Microsecond)
+	h.buckets[histIndex(us)].Add(1)
+	if failed {
+		h.errors.Add(1)
+	}
+	h.requests.Add(1) // last, so a snapshot never has more requests than samples
+}
+
+// histSnapshot is a histogram's cumulative state at one moment.
+type histSnapshot struct {
+	requests, errors uint64
+	buckets          [histBuckets]uint64
+}
+
+func (h *histogram) snapshot(s *histSnapshot) {
+	s.requests = h.requests.Load()
+	s.errors = h.errors.Load()
+	for i := range h.buckets {
+		s.buckets[i] = h.buckets[i].Load()
+	}
+}
+
+// healthJSON is the pulse's health object.
+type healthJSON struct {
+	Requests  uint64      `json:"requests"`
+	Errors    uint64      `json:"errors"`
+	LatencyMs latencyJSON `json:"latencyMs"`
+}
+
+type latencyJSON struct {
+	P50 float64 `json:"p50"`
+	P95 float64 `json:"p95"`
+	P99 float64 `json:"p99"`
+	Max float64 `json:"max"`
+}
+
+// healthBetween returns the health of the samples taken between prev and
+// cur, or nil when there were none.
+func healthBetween(prev, cur *histSnapshot) *healthJSON {
+	var delta [histBuckets]uint64
+	var n uint64
+	top := -1
+	for i := range delta {
+		delta[i] = cur.buckets[i] - prev.buckets[i]
+		if delta[i] != 0 {
+			n += delta[i]
+			top = i
+		}
+	}
+	if n == 0 {
+		return nil
+	}
+	quantile := func(q float64) float64 {
+		rank := uint64(math.Ceil(q * float64(n)))
+		var seen uint64
+		for i, d := range delta {
+			seen += d
+			if seen >= rank {
+				return histMid(i) / 1000
+			}
+		}
+		return histMid(top) / 1000
+	}
+	return &healthJSON{
+		Requests: cur.requests - prev.requests,
+		Errors:   cur.errors - prev.errors,
+		LatencyMs: latencyJSON{
+			P50: quantile(0.50),
+			P95: quantile(0.95),
+			P99: quantile(0.99),
+			Max: histMid(top) / 1000,
+		},
+	}
+}

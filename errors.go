@@ -1,0 +1,50 @@
+package waitstate
+
+import (
+	"errors"
+	"fmt"
+	"net/http"
+	"time"
+)
+
+// Sentinel errors. Test for them with errors.Is.
+var (
+	// ErrInvalidOptions is wrapped by every error New returns for bad Options.
+	ErrInvalidOptions = errors.New("waitstate: invalid options")
+
+	// ErrClosed is returned by Ready once the client has been shut down
+	// before a policy was applied.
+	ErrClosed = errors.New("waitstate: client closed")
+
+	// ErrBadSignature wraps a response whose X-WaitState-Signature is
+	// missing or does not verify. The response is discarded.
+	ErrBadSignature = errors.New("waitstate: response signature missing or invalid")
+
+	// ErrBadPolicy wraps a policy that was refused whole; the one in force stays.
+	ErrBadPolicy = errors.New("waitstate: invalid policy")
+
+	// ErrBadToken wraps a token that failed validation; it is dropped and never sent.
+	ErrBadToken = errors.New("waitstate: invalid token")
+
+	// ErrResponseTooLarge wraps a response whose body exceeds 1 MiB.
+	ErrResponseTooLarge = errors.New("waitstate: response body over 1 MiB")
+
+	// ErrBadResponse wraps a signed 2xx response whose body does not parse.
+	ErrBadResponse = errors.New("waitstate: malformed response body")
+)
+
+// StatusError is a non-2xx answer from the control plane.
+type StatusError struct {
+	Op         string        // "token", "policy" or "pulse"
+	StatusCode int           // the HTTP status
+	RetryAfter time.Duration // the Retry-After header, capped at 10 minutes; 0 if none
+}
+
+func (e *StatusError) Error() string {
+	return fmt.Sprintf("waitstate: %s: control plane answered %d %s", e.Op, e.StatusCode, http.StatusText(e.StatusCode))
+}
+
+// optionError builds an error wrapping ErrInvalidOptions.
+func optionError(format string, args ...any) error {
+	return fmt.Errorf("%w: %s", ErrInvalidOptions, fmt.Sprintf(format, args...))
+}

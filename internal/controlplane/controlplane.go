@@ -1,0 +1,624 @@
+// Package controlplane is a WaitState control plane that speaks the whole
+// protocol of SPEC §4 on loopback: it verifies every signature and token,
+// signs every 2xx answer, counts each (instance, seq) once, serves policies
+// per site, and can be told to fail in every way the SDK must survive.
+//
+// It imports nothing of the SDK, so the SDK's own tests can use it; the
+// public waitstatetest package wraps it for users.
+package controlplane
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"math"
+	"net/http"
+	"net/http/httptest"
+	"slices"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/golang-jwt/jwt/v5"
+
+	"github.com/waitstate/waitstate-go/internal/wire"
+)
+
+// Policy is a policy as the control plane serves it. An infinite weight is
+// sent as "Infinity".
+type Policy struct {
+	Version         int64
+	GlobalMaxWeight float64
+	TagMaxWeights   map[string]float64
+}
+
+// MarshalJSON encodes p in the wire form.
+func (p Policy) MarshalJSON() ([]byte, error) {
+	tags := make(map[string]any, len(p.TagMaxWeights))
+	for k, v := range p.TagMaxWeights {
+		tags[k] = weightJSON(v)
+	}
+	return json.Marshal(map[string]any{
+		"version":         p.Version,
+		"globalMaxWeight": weightJSON(p.GlobalMaxWeight),
+		"tagMaxWeights":   tags,
+	})
+}
+
+func weightJSON(w float64) any {
+	if math.IsInf(w, 1) {
+		return "Infinity"
+	}
+	return w
+}
+
+// TagCount is one tag's counts in a pulse.
+type TagCount struct {
+	Usage   uint64 `json:"usage"`
+	Bounced uint64 `json:"bounced"`
+}
+
+// Latency is a pulse's latency quantiles in milliseconds.
+type Latency struct {
+	P50 float64 `json:"p50"`
+	P95 float64 `json:"p95"`
+	P99 float64 `json:"p99"`
+	Max float64 `json:"max"`
+}
+
+// Health is a pulse's health object.
+type Health struct {
+	Requests  uint64  `json:"requests"`
+	Errors    uint64  `json:"errors"`
+	LatencyMs Latency `json:"latencyMs"`
+}
+
+// Pulse is a pulse body as received.
+type Pulse struct {
+	InstanceID    string              `json:"instanceId"`
+	SiteID        string              `json:"siteId"`
+	SDK           string              `json:"sdk"`
+	Seq           uint64              `json:"seq"`
+	WindowEndMs   int64               `json:"windowEndMs"`
+	WindowMs      int64               `json:"windowMs"`
+	Mode          string              `json:"mode"`
+	PolicyVersion int64               `json:"policyVersion"`
+	UsageDelta    uint64              `json:"usageDelta"`
+	BouncedDelta  uint64              `json:"bouncedDelta"`
+	UsageTotal    uint64              `json:"usageTotal"`
+	BouncedTotal  uint64              `json:"bouncedTotal"`
+	Tags          map[string]TagCount `json:"tags"`
+	Health        *Health             `json:"health"`
+
+	// Raw is the body as it arrived; Site the X-WaitState-Site header.
+	Raw  []byte `json:"-"`
+	Site string `json:"-"`
+}
+
+// Request is what the control plane saw of one request.
+type Request struct {
+	Method string
+	Path   string
+	Header http.Header
+	Body   []byte
+	Status int // the status it answered
+}
+
+// Totals are a site's counts over every pulse counted.
+type Totals struct {
+	Usage, Bounced uint64
+	Pulses         int
+	Tags           map[string]TagCount
+}
+
+// TokenFault makes /v1/token issue a token that the SDK must refuse.
+type TokenFault int
+
+// The bad tokens /v1/token can issue.
+const (
+	TokenOK            TokenFault = iota
+	TokenWrongKey                 // signed with another secret
+	TokenAlgNone                  // "alg": "none", no signature
+	TokenHS512                    // signed with the right secret, wrong algorithm
+	TokenExpired                  // exp two minutes ago (beyond the leeway)
+	TokenNoExpiry                 // no exp claim
+	TokenWrongSubject             // sub is another key
+	TokenWrongIssuer              // iss is not "waitstate"
+	TokenWrongSite                // site is not the requesting site
+	TokenGarbage                  // not a JWT at all
+)
+
+// Faults script how the control plane misbehaves. The zero value is a
+// healthy control plane.
+type Faults struct {
+	Down          bool          // answer every request 503
+	RetryAfter    time.Duration // with Down or a 429/503 status: the Retry-After header
+	Hang          bool          // never answer, until the client gives up or Close
+	Delay         time.Duration // answer every request this late
+	PulseStatus   int           // answer pulses with this status, not counting them
+	PolicyStatus  int           // answer GET /v1/policy with this status
+	TokenStatus   int           // answer /v1/token with this status
+	CountThenHang bool          // count a pulse, then never answer: a lost acknowledgement
+	Garbage       bool          // 2xx answers have a body that is not JSON, correctly signed
+	ForgeSig      bool          // 2xx answers carry a wrong signature
+	NoSig         bool          // 2xx answers carry no signature
+	Replay        bool          // 2xx answers replay an earlier answer to the same path
+	Oversize      bool          // 2xx answers have a body over 1 MiB, correctly signed
+	BadToken      TokenFault    // /v1/token issues this kind of bad token
+	NullPolicy    bool          // answers carry "policy": null
+}
+
+type instanceSeq struct {
+	instance string
+	seq      uint64
+}
+
+// Server is a control plane on loopback. Its methods are safe for
+// concurrent use.
+type Server struct {
+	// URL is the base URL, such as http://127.0.0.1:50123.
+	URL string
+
+	srv  *httptest.Server
+	quit chan struct{}
+
+	mu        sync.Mutex
+	keys      map[string]string          // publish key → secret key
+	policies  map[string]json.RawMessage // site → policy JSON
+	versions  map[string]int64           // site → version, -1 for raw JSON
+	leaseTTL  time.Duration
+	tokenTTL  time.Duration
+	faults    Faults
+	counted   map[instanceSeq]bool
+	pulses    []Pulse
+	requests  []Request
+	tokens    map[string]bool // issued and not revoked
+	lastReply map[string]reply
+	closeOnce sync.Once
+}
+
+type reply struct {
+	body []byte
+	sig  string
+}
+
+// New starts a control plane on loopback that knows no keys and has no
+// policy. Close it when done.
+func New() *Server {
+	s := &Server{
+		quit:      make(chan struct{}),
+		keys:      map[string]string{},
+		policies:  map[string]json.RawMessage{},
+		versions:  map[string]int64{},
+		tokenTTL:  time.Hour,
+		counted:   map[instanceSeq]bool{},
+		tokens:    map[string]bool{},
+		lastReply: map[string]reply{},
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST "+wire.PathToken, s.handleToken)
+	mux.HandleFunc("GET "+wire.PathPolicy, s.handlePolicy)
+	mux.HandleFunc("POST "+wire.PathPulse, s.handlePulse)
+	s.srv = httptest.NewServer(s.recorder(mux))
+	s.URL = s.srv.URL
+	return s
+}
+
+// Close stops the server, releasing hung requests first.
+func (s *Server) Close() {
+	s.closeOnce.Do(func() {
+		close(s.quit)
+		s.srv.CloseClientConnections()
+		s.srv.Close()
+	})
+}
+
+// AddKey makes a key pair known.
+func (s *Server) AddKey(publishKey, secretKey string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.keys[publishKey] = secretKey
+}
+
+// SetPolicy sets the policy served to site ("" is the default for sites
+// without one of their own).
+func (s *Server) SetPolicy(site string, p Policy) {
+	raw, err := json.Marshal(p)
+	if err != nil {
+		panic(err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.policies[site] = raw
+	s.versions[site] = p.Version
+}
+
+// SetPolicyJSON sets a policy as raw JSON, served as it is: for policies the
+// SDK must refuse.
+func (s *Server) SetPolicyJSON(site, raw string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.policies[site] = json.RawMessage(raw)
+	s.versions[site] = -1
+}
+
+// SetLeaseTTL sets the leaseTtlMs of every answer; 0 leaves it out.
+func (s *Server) SetLeaseTTL(d time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.leaseTTL = d
+}
+
+// SetTokenTTL sets the lifetime of the tokens issued from now on.
+func (s *Server) SetTokenTTL(d time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.tokenTTL = d
+}
+
+// SetFaults replaces the faults in force; Faults{} heals the server.
+func (s *Server) SetFaults(f Faults) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.faults = f
+}
+
+// RevokeTokens makes every token issued so far invalid.
+func (s *Server) RevokeTokens() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	clear(s.tokens)
+}
+
+// Pulses returns the pulses counted so far, in order of arrival; a
+// repeated (instance, seq) is acknowledged but not listed again.
+func (s *Server) Pulses() []Pulse {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.pulses)
+}
+
+// Requests returns every request received so far.
+func (s *Server) Requests() []Request {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.requests)
+}
+
+// Totals adds up the pulses counted from site.
+func (s *Server) Totals(site string) Totals {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	t := Totals{Tags: map[string]TagCount{}}
+	for _, p := range s.pulses {
+		if p.Site != site {
+			continue
+		}
+		t.Pulses++
+		t.Usage += p.UsageDelta
+		t.Bounced += p.BouncedDelta
+		for tag, c := range p.Tags {
+			prev := t.Tags[tag]
+			t.Tags[tag] = TagCount{Usage: prev.Usage + c.Usage, Bounced: prev.Bounced + c.Bounced}
+		}
+	}
+	return t
+}
+
+// recorder logs every request and its status.
+func (s *Server) recorder(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(io.LimitReader(r.Body, 8<<20))
+		r.Body = io.NopCloser(bytes.NewReader(body))
+		sw := &statusRecorder{ResponseWriter: w, status: http.StatusOK}
+		next.ServeHTTP(sw, r)
+		s.mu.Lock()
+		s.requests = append(s.requests, Request{Method: r.Method, Path: r.URL.RequestURI(), Header: r.Header.Clone(), Body: body, Status: sw.status})
+		s.mu.Unlock()
+	})
+}
+
+type statusRecorder struct {
+	http.ResponseWriter
+	status int
+}
+
+func (w *statusRecorder) WriteHeader(code int) {
+	w.status = code
+	w.ResponseWriter.WriteHeader(code)
+}
+
+// hang blocks until the client gives up or the server closes.
+func (s *Server) hang(r *http.Request) {
+	select {
+	case <-r.Context().Done():
+	case <-s.quit:
+	}
+}
+
+// preamble applies the faults that come before any processing, and
+// authenticates the request. It returns the key's secret and the faults in
+// force, or false when it has answered.
+func (s *Server) preamble(w http.ResponseWriter, r *http.Request, signed bool, body []byte) (string, Faults, bool) {
+	s.mu.Lock()
+	f := s.faults
+	secret, known := s.keys[r.Header.Get(wire.HeaderKey)]
+	s.mu.Unlock()
+	if f.Delay > 0 {
+		select {
+		case <-time.After(f.Delay):
+		case <-r.Context().Done():
+			return "", f, false
+		case <-s.quit:
+			return "", f, false
+		}
+	}
+	if f.Hang {
+		s.hang(r)
+		return "", f, false
+	}
+	if f.Down {
+		s.fail(w, http.StatusServiceUnavailable, f.RetryAfter)
+		return "", f, false
+	}
+	if !known {
+		s.fail(w, http.StatusUnauthorized, 0)
+		return "", f, false
+	}
+	if signed && !verifyRequest(secret, r, body) {
+		s.fail(w, http.StatusUnauthorized, 0)
+		return "", f, false
+	}
+	return secret, f, true
+}
+
+func verifyRequest(secret string, r *http.Request, body []byte) bool {
+	ts := r.Header.Get(wire.HeaderTimestamp)
+	sec, err := strconv.ParseInt(ts, 10, 64)
+	if err != nil {
+		return false
+	}
+	if skew := time.Now().Unix() - sec; skew > wire.MaxClockSkewSeconds || skew < -wire.MaxClockSkewSeconds {
+		return false
+	}
+	canonical := wire.RequestCanonical(r.Method, r.URL.RequestURI(), ts, r.Header.Get(wire.HeaderNonce), body)
+	return wire.Verify(secret, canonical, r.Header.Get(wire.HeaderSignature))
+}
+
+func (s *Server) fail(w http.ResponseWriter, status int, retryAfter time.Duration) {
+	if retryAfter > 0 && (status == http.StatusServiceUnavailable || status == http.StatusTooManyRequests) {
+		w.Header().Set("Retry-After", strconv.Itoa(int(math.Ceil(retryAfter.Seconds()))))
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	fmt.Fprintf(w, `{"error":%q}`, http.StatusText(status))
+}
+
+// answer sends a signed 2xx answer, bent by the response faults.
+func (s *Server) answer(w http.ResponseWriter, r *http.Request, secret string, f Faults, body []byte) {
+	path := r.URL.RequestURI()
+	switch {
+	case f.Garbage:
+		body = []byte("<html>not json</html>")
+	case f.Oversize:
+		body = append(bytes.Repeat([]byte(" "), 1<<20), body...)
+	}
+	sig := wire.Sign(secret, wire.ResponseCanonical(path, r.Header.Get(wire.HeaderNonce), body))
+	s.mu.Lock()
+	if f.Replay {
+		if prev, ok := s.lastReply[path]; ok {
+			body, sig = prev.body, prev.sig
+		}
+	} else {
+		s.lastReply[path] = reply{body: body, sig: sig}
+	}
+	s.mu.Unlock()
+	switch {
+	case f.ForgeSig:
+		sig = wire.Sign(secret+"forged", wire.ResponseCanonical(path, r.Header.Get(wire.HeaderNonce), body))
+	case f.NoSig:
+		sig = ""
+	}
+	if sig != "" {
+		w.Header().Set(wire.HeaderSignature, sig)
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(http.StatusOK)
+	_, _ = w.Write(body)
+}
+
+func (s *Server) handleToken(w http.ResponseWriter, r *http.Request) {
+	body, _ := io.ReadAll(r.Body)
+	secret, f, ok := s.preamble(w, r, true, body)
+	if !ok {
+		return
+	}
+	if f.TokenStatus != 0 {
+		s.fail(w, f.TokenStatus, f.RetryAfter)
+		return
+	}
+	var req struct {
+		InstanceID string `json:"instanceId"`
+		SiteID     string `json:"siteId"`
+	}
+	if err := json.Unmarshal(body, &req); err != nil || req.InstanceID == "" || req.SiteID != r.Header.Get(wire.HeaderSite) {
+		s.fail(w, http.StatusBadRequest, 0)
+		return
+	}
+	s.mu.Lock()
+	ttl := s.tokenTTL
+	s.mu.Unlock()
+	tok := s.issue(secret, r.Header.Get(wire.HeaderKey), req.SiteID, ttl, f.BadToken)
+	s.mu.Lock()
+	if f.BadToken == TokenOK {
+		s.tokens[tok] = true
+	}
+	s.mu.Unlock()
+	out, _ := json.Marshal(map[string]any{"token": tok, "expiresIn": int64(ttl / time.Second)})
+	s.answer(w, r, secret, f, out)
+}
+
+// issue makes a token, good or bad as fault says.
+func (s *Server) issue(secret, sub, site string, ttl time.Duration, fault TokenFault) string {
+	now := time.Now()
+	claims := jwt.MapClaims{
+		"iss": wire.Issuer,
+		"sub": sub,
+		"iat": now.Unix(),
+		"exp": now.Add(ttl).Unix(),
+		"jti": wire.RandomHex(),
+	}
+	if site != "" {
+		claims["site"] = site
+	}
+	method, key := jwt.SigningMethod(jwt.SigningMethodHS256), any([]byte(secret))
+	switch fault {
+	case TokenWrongKey:
+		key = []byte(secret + "-not")
+	case TokenAlgNone:
+		method, key = jwt.SigningMethodNone, jwt.UnsafeAllowNoneSignatureType
+	case TokenHS512:
+		method = jwt.SigningMethodHS512
+	case TokenExpired:
+		claims["iat"] = now.Add(-time.Hour).Unix()
+		claims["exp"] = now.Add(-2 * time.Minute).Unix()
+	case TokenNoExpiry:
+		delete(claims, "exp")
+	case TokenWrongSubject:
+		claims["sub"] = sub + "-other"
+	case TokenWrongIssuer:
+		claims["iss"] = "someone-else"
+	case TokenWrongSite:
+		claims["site"] = site + "-other"
+	case TokenGarbage:
+		return "not-a-jwt"
+	}
+	tok, err := jwt.NewWithClaims(method, claims).SignedString(key)
+	if err != nil {
+		panic(err)
+	}
+	return tok
+}
+
+// validToken checks a bearer token as strictly as the SDK does, and that it
+// was issued here and not revoked.
+func (s *Server) validToken(secret, key, site, bearer string) bool {
+	s.mu.Lock()
+	issued := s.tokens[bearer]
+	s.mu.Unlock()
+	if !issued {
+		return false
+	}
+	claims := jwt.MapClaims{}
+	_, err := jwt.NewParser(
+		jwt.WithValidMethods([]string{"HS256"}),
+		jwt.WithIssuer(wire.Issuer),
+		jwt.WithSubject(key),
+		jwt.WithExpirationRequired(),
+	).ParseWithClaims(bearer, claims, func(*jwt.Token) (any, error) { return []byte(secret), nil })
+	if err != nil {
+		return false
+	}
+	got, _ := claims["site"].(string)
+	return got == site
+}
+
+// policyFor returns site's policy JSON (or the default site's) and its
+// version; ok is false when there is none.
+func (s *Server) policyFor(site string) (json.RawMessage, int64, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if raw, ok := s.policies[site]; ok {
+		return raw, s.versions[site], true
+	}
+	raw, ok := s.policies[""]
+	return raw, s.versions[""], ok
+}
+
+// leaseBody encodes an answer carrying policy (nil: null).
+func (s *Server) leaseBody(policy json.RawMessage) []byte {
+	s.mu.Lock()
+	ttl := s.leaseTTL
+	s.mu.Unlock()
+	if policy == nil {
+		policy = json.RawMessage("null")
+	}
+	m := map[string]any{"policy": policy}
+	if ttl > 0 {
+		m["leaseTtlMs"] = ttl.Milliseconds()
+	}
+	out, err := json.Marshal(m)
+	if err != nil {
+		panic(err)
+	}
+	return out
+}
+
+func (s *Server) handlePolicy(w http.ResponseWriter, r *http.Request) {
+	secret, f, ok := s.preamble(w, r, false, nil)
+	if !ok {
+		return
+	}
+	if f.PolicyStatus != 0 {
+		s.fail(w, f.PolicyStatus, f.RetryAfter)
+		return
+	}
+	bearer, _ := bytes.CutPrefix([]byte(r.Header.Get("Authorization")), []byte("Bearer "))
+	site := r.Header.Get(wire.HeaderSite)
+	if !s.validToken(secret, r.Header.Get(wire.HeaderKey), site, string(bearer)) {
+		s.fail(w, http.StatusUnauthorized, 0)
+		return
+	}
+	raw, _, ok := s.policyFor(site)
+	if !ok {
+		s.fail(w, http.StatusNotFound, 0)
+		return
+	}
+	if f.NullPolicy {
+		raw = nil
+	}
+	s.answer(w, r, secret, f, s.leaseBody(raw))
+}
+
+func (s *Server) handlePulse(w http.ResponseWriter, r *http.Request) {
+	body, _ := io.ReadAll(r.Body)
+	secret, f, ok := s.preamble(w, r, true, body)
+	if !ok {
+		return
+	}
+	if f.PulseStatus != 0 {
+		s.fail(w, f.PulseStatus, f.RetryAfter)
+		return
+	}
+	var p Pulse
+	if err := json.Unmarshal(body, &p); err != nil || p.Seq == 0 || p.InstanceID != r.Header.Get(wire.HeaderInstance) {
+		s.fail(w, http.StatusBadRequest, 0)
+		return
+	}
+	p.Raw = body
+	p.Site = r.Header.Get(wire.HeaderSite)
+	if p.SiteID != p.Site {
+		s.fail(w, http.StatusBadRequest, 0)
+		return
+	}
+	key := instanceSeq{p.InstanceID, p.Seq}
+	s.mu.Lock()
+	if !s.counted[key] {
+		s.counted[key] = true
+		s.pulses = append(s.pulses, p)
+	}
+	s.mu.Unlock()
+	if f.CountThenHang {
+		s.hang(r)
+		return
+	}
+	var policy json.RawMessage
+	if raw, version, ok := s.policyFor(p.Site); ok && version != p.PolicyVersion {
+		policy = raw
+	}
+	if f.NullPolicy {
+		policy = nil
+	}
+	s.answer(w, r, secret, f, s.leaseBody(policy))
+}

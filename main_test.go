@@ -1,0 +1,103 @@
+package waitstate
+
+import (
+	"bytes"
+	"context"
+	"log/slog"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	"go.uber.org/goleak"
+
+	"github.com/waitstate/waitstate-go/internal/controlplane"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
+
+// Test keys. The secret is long and distinctive so that a leak into a log
+// or an error is easy to find.
+const (
+	testPublishKey = "pk_test_5f1c"
+	testSecretKey  = "sk_test_SECRET_e3b0c44298fc1c149afbf4c8996fb924"
+)
+
+// Generous bounds for polling: the machine is a loaded 2-core box.
+const (
+	waitFor = 15 * time.Second
+	tick    = 2 * time.Millisecond
+)
+
+// newPlane starts a control plane that knows the test keys and closes it
+// when the test ends.
+func newPlane(t testing.TB) *controlplane.Server {
+	t.Helper()
+	cp := controlplane.New()
+	cp.AddKey(testPublishKey, testSecretKey)
+	t.Cleanup(cp.Close)
+	return cp
+}
+
+// logBuffer collects everything a client logs, for assertions.
+type logBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (l *logBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.Write(p)
+}
+
+func (l *logBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.String()
+}
+
+// testOptions are Options for cp with short intervals.
+func testOptions(cp *controlplane.Server) Options {
+	return Options{
+		PublishKey:    testPublishKey,
+		SecretKey:     testSecretKey,
+		BaseURL:       cp.URL,
+		PulseInterval: 50 * time.Millisecond,
+		SyncInterval:  100 * time.Millisecond,
+	}
+}
+
+// startClient starts a client with opts and shuts it down when the test
+// ends (before the control plane closes). Its log is returned.
+func startClient(t testing.TB, opts Options) (*Client, *logBuffer) {
+	t.Helper()
+	logs := &logBuffer{}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	c, err := New(opts)
+	require.NoError(t, err)
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), waitFor)
+		defer cancel()
+		_ = c.Shutdown(ctx)
+	})
+	return c, logs
+}
+
+// eventually polls cond until it holds, failing the test after waitFor.
+func eventually(t testing.TB, cond func() bool, msg string, args ...any) {
+	t.Helper()
+	require.Eventually(t, cond, waitFor, tick, append([]any{msg}, args...)...)
+}
+
+// waitReady waits until c has applied a policy.
+func waitReady(t testing.TB, c *Client) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), waitFor)
+	defer cancel()
+	require.NoError(t, c.Ready(ctx))
+}

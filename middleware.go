@@ -1,0 +1,118 @@
+package waitstate
+
+import (
+	"context"
+	"math"
+	"net/http"
+	"strconv"
+	"time"
+)
+
+// MiddlewareOptions configures HTTPMiddleware.
+type MiddlewareOptions struct {
+	// Tag returns a request's tag. If nil, every request has tag "".
+	Tag func(*http.Request) string
+
+	// Weight returns a request's weight. If nil, every request weighs 1.
+	Weight func(*http.Request) float64
+
+	// Denied answers a denied request. If nil, the answer is 429 Too Many
+	// Requests with a Retry-After header and the JSON body
+	// {"error":"rate_limited","reason":"<reason>"}. It can read the
+	// decision with ResultFromContext.
+	Denied http.Handler
+}
+
+type resultKey struct{}
+
+// ResultFromContext returns the Gate decision that HTTPMiddleware stored in
+// a request's context, and whether there was one.
+func ResultFromContext(ctx context.Context) (GateResult, bool) {
+	r, ok := ctx.Value(resultKey{}).(GateResult)
+	return r, ok
+}
+
+// HTTPMiddleware returns middleware that gates each request before the next
+// handler runs. A denied request goes to opts.Denied; an allowed one is
+// served and recorded as one health sample (Observe): its latency, failed
+// when the status is 5xx or the handler panics. A panic is re-raised once
+// it is recorded.
+func (c *Client) HTTPMiddleware(opts MiddlewareOptions) func(http.Handler) http.Handler {
+	return func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			tag, weight := "", 1.0
+			if opts.Tag != nil {
+				tag = opts.Tag(r)
+			}
+			if opts.Weight != nil {
+				weight = opts.Weight(r)
+			}
+			res := c.Gate(tag, weight)
+			r = r.WithContext(context.WithValue(r.Context(), resultKey{}, res))
+			if !res.Allowed {
+				if opts.Denied != nil {
+					opts.Denied.ServeHTTP(w, r)
+				} else {
+					c.deny(w, res)
+				}
+				return
+			}
+			sw := &statusWriter{ResponseWriter: w}
+			start := time.Now()
+			defer func() {
+				p := recover()
+				c.Observe(time.Since(start), p != nil || sw.status >= 500)
+				if p != nil {
+					panic(p)
+				}
+			}()
+			next.ServeHTTP(sw, r)
+		})
+	}
+}
+
+// deny writes the default denial: 429, Retry-After in whole seconds (1 for
+// the safe-mode rate; the pulse interval rounded up for a policy denial,
+// since a policy can change only at a pulse or sync) and a JSON body.
+func (c *Client) deny(w http.ResponseWriter, res GateResult) {
+	retry := 1
+	if res.Reason != ReasonSafeModeLimit {
+		retry = max(1, int(math.Ceil(c.opts.PulseInterval.Seconds())))
+	}
+	h := w.Header()
+	h.Set("Retry-After", strconv.Itoa(retry))
+	h.Set("Content-Type", "application/json")
+	w.WriteHeader(http.StatusTooManyRequests)
+	_, _ = w.Write([]byte(`{"error":"rate_limited","reason":"` + res.Reason.String() + `"}`))
+}
+
+// statusWriter remembers the status a handler wrote.
+type statusWriter struct {
+	http.ResponseWriter
+	status int
+}
+
+func (w *statusWriter) WriteHeader(code int) {
+	if w.status == 0 && code >= 200 { // 1xx are interim
+		w.status = code
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *statusWriter) Write(b []byte) (int, error) {
+	if w.status == 0 {
+		w.status = http.StatusOK
+	}
+	return w.ResponseWriter.Write(b)
+}
+
+// Flush passes a flush through, for streaming handlers.
+func (w *statusWriter) Flush() {
+	if w.status == 0 {
+		w.status = http.StatusOK
+	}
+	_ = http.NewResponseController(w.ResponseWriter).Flush()
+}
+
+// Unwrap lets http.ResponseController reach the underlying writer.
+func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }

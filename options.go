@@ -1,0 +1,155 @@
+package waitstate
+
+import (
+	"log/slog"
+	"net/http"
+	"net/url"
+	"os"
+	"strings"
+	"time"
+)
+
+// Defaults applied by New to zero-valued Options fields.
+const (
+	DefaultBaseURL        = "https://api.waitstate.io"
+	DefaultPulseInterval  = 20 * time.Second
+	DefaultSyncInterval   = 30 * time.Second
+	DefaultSafeModeMaxRPS = 50
+)
+
+// Options configures a Client. The zero value of every optional field
+// selects its default; New refuses invalid values instead of clamping them.
+type Options struct {
+	// PublishKey identifies the key pair. Required. It is sent in every
+	// request's X-WaitState-Key header, so it must be a valid header value.
+	PublishKey string
+
+	// SecretKey signs requests and verifies responses and tokens. Required.
+	// It is never sent, logged or included in an error.
+	SecretKey string
+
+	// BaseURL is the control plane's address, http or https.
+	// If empty, DefaultBaseURL.
+	BaseURL string
+
+	// SiteID is an optional shard key that isolates sites within one
+	// organisation. If empty, no site is sent.
+	SiteID string
+
+	// PulseInterval is the time between two pulses of telemetry.
+	// If zero, DefaultPulseInterval. Negative is an error.
+	PulseInterval time.Duration
+
+	// SyncInterval is the time between two policy fetches.
+	// If zero, DefaultSyncInterval. Negative is an error.
+	SyncInterval time.Duration
+
+	// SafeModeMaxRPS caps admissions per second once a lease has expired,
+	// with a burst of one second's worth. If zero, DefaultSafeModeMaxRPS.
+	SafeModeMaxRPS uint64
+
+	// HTTPClient sends the requests. If nil, the client uses its own
+	// transport, whose idle connections Shutdown closes. Per-request
+	// timeouts are set by the SDK through the request context.
+	HTTPClient *http.Client
+
+	// Logger receives state changes and errors. If nil, nothing is logged.
+	Logger *slog.Logger
+}
+
+// Environment variables read by OptionsFromEnv.
+const (
+	EnvPublishKey = "WAITSTATE_PUBLISH_KEY"
+	EnvSecretKey  = "WAITSTATE_SECRET_KEY"
+	EnvBaseURL    = "WAITSTATE_BASE_URL"
+	EnvSiteID     = "WAITSTATE_SITE_ID"
+)
+
+// OptionsFromEnv returns Options filled from WAITSTATE_PUBLISH_KEY,
+// WAITSTATE_SECRET_KEY, WAITSTATE_BASE_URL and WAITSTATE_SITE_ID. It
+// returns an error wrapping ErrInvalidOptions, naming the variable, when
+// either key is unset.
+func OptionsFromEnv() (Options, error) {
+	opts := Options{
+		PublishKey: os.Getenv(EnvPublishKey),
+		SecretKey:  os.Getenv(EnvSecretKey),
+		BaseURL:    os.Getenv(EnvBaseURL),
+		SiteID:     os.Getenv(EnvSiteID),
+	}
+	switch {
+	case opts.PublishKey == "":
+		return Options{}, optionError("%s is not set", EnvPublishKey)
+	case opts.SecretKey == "":
+		return Options{}, optionError("%s is not set", EnvSecretKey)
+	}
+	return opts, nil
+}
+
+// maxSiteIDLen bounds SiteID, like a policy's tag names.
+const maxSiteIDLen = 256
+
+// withDefaults validates o and returns it with every default applied.
+// Errors wrap ErrInvalidOptions and never quote the secret key.
+func (o Options) withDefaults() (Options, *url.URL, error) {
+	if o.PublishKey == "" {
+		return o, nil, optionError("PublishKey is required")
+	}
+	if !validHeaderValue(o.PublishKey) {
+		return o, nil, optionError("PublishKey must be printable ASCII without spaces")
+	}
+	if o.SecretKey == "" {
+		return o, nil, optionError("SecretKey is required")
+	}
+	if len(o.SiteID) > maxSiteIDLen || !validHeaderValue(o.SiteID) {
+		return o, nil, optionError("SiteID must be at most %d bytes of printable ASCII without spaces", maxSiteIDLen)
+	}
+	if o.PulseInterval < 0 {
+		return o, nil, optionError("PulseInterval is negative (%v)", o.PulseInterval)
+	}
+	if o.SyncInterval < 0 {
+		return o, nil, optionError("SyncInterval is negative (%v)", o.SyncInterval)
+	}
+	if o.BaseURL == "" {
+		o.BaseURL = DefaultBaseURL
+	}
+	u, err := url.Parse(o.BaseURL)
+	if err != nil {
+		// url.Parse quotes the input, which may hold userinfo: say less.
+		return o, nil, optionError("BaseURL does not parse")
+	}
+	if u.Scheme != "http" && u.Scheme != "https" {
+		return o, nil, optionError("BaseURL scheme must be http or https, not %q", u.Scheme)
+	}
+	if u.Host == "" {
+		return o, nil, optionError("BaseURL has no host")
+	}
+	if u.RawQuery != "" || u.Fragment != "" {
+		return o, nil, optionError("BaseURL must not have a query or fragment")
+	}
+	u.Path = strings.TrimRight(u.Path, "/")
+	u.RawPath = ""
+	if o.PulseInterval == 0 {
+		o.PulseInterval = DefaultPulseInterval
+	}
+	if o.SyncInterval == 0 {
+		o.SyncInterval = DefaultSyncInterval
+	}
+	if o.SafeModeMaxRPS == 0 {
+		o.SafeModeMaxRPS = DefaultSafeModeMaxRPS
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	return o, u, nil
+}
+
+// validHeaderValue reports whether s is printable ASCII with no spaces, so
+// it can travel in a header unchanged.
+func validHeaderValue(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] <= ' ' || s[i] >= 0x7f {
+			return false
+		}
+	}
+	return true
+}

@@ -1,0 +1,202 @@
+package waitstate
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"net/http"
+	"time"
+
+	"github.com/waitstate/waitstate-go/internal/wire"
+)
+
+// pulse is a cut window, frozen: it is resent with the same seq and body
+// until the control plane acknowledges it.
+type pulse struct {
+	seq  uint64
+	body []byte
+}
+
+// pulseJSON is the body of POST /v1/pulse (SPEC §4).
+type pulseJSON struct {
+	InstanceID    string              `json:"instanceId"`
+	SiteID        string              `json:"siteId,omitempty"`
+	SDK           string              `json:"sdk"`
+	Seq           uint64              `json:"seq"`
+	WindowEndMs   int64               `json:"windowEndMs"`
+	WindowMs      int64               `json:"windowMs"`
+	Mode          string              `json:"mode"`
+	PolicyVersion int64               `json:"policyVersion"`
+	UsageDelta    uint64              `json:"usageDelta"`
+	BouncedDelta  uint64              `json:"bouncedDelta"`
+	UsageTotal    uint64              `json:"usageTotal"`
+	BouncedTotal  uint64              `json:"bouncedTotal"`
+	Tags          map[string]tagCount `json:"tags"`
+	Health        *healthJSON         `json:"health,omitempty"`
+}
+
+// pulseOutcome is what became of one attempt to send a pulse.
+type pulseOutcome int
+
+const (
+	pulseAcked   pulseOutcome = iota // acknowledged: done with it
+	pulseRetry                       // failed or unknown: send it again
+	pulseDropped                     // refused with a 4xx: give it up
+)
+
+// pulseLoop sends a pulse every PulseInterval (jittered) until ctx ends.
+func (c *Client) pulseLoop(ctx context.Context) error {
+	t := time.NewTimer(jitter(c.opts.PulseInterval))
+	defer t.Stop()
+	failing := false
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		err := c.pulseTick(ctx)
+		if ctx.Err() != nil {
+			return nil // shutting down: Shutdown sends what is pending
+		}
+		failing = c.logTransition("pulse", failing, err)
+		t.Reset(max(jitter(c.opts.PulseInterval), retryAfter(err)))
+	}
+}
+
+// pulseTick cuts a window unless a pulse is pending, and sends the pending
+// pulse once.
+func (c *Client) pulseTick(ctx context.Context) error {
+	if c.pending == nil {
+		c.pending = c.cut(false)
+	}
+	out, err := c.sendPulse(ctx, c.pending)
+	if out != pulseRetry {
+		c.pending = nil
+	}
+	return err
+}
+
+// sendPulse sends p once and acts on the answer. A 2xx answer whose
+// signature verifies acknowledges p even when its body does not parse.
+func (c *Client) sendPulse(ctx context.Context, p *pulse) (pulseOutcome, error) {
+	rctx, cancel := context.WithTimeout(ctx, c.opts.PulseInterval)
+	data, err := c.do(rctx, call{op: "pulse", method: http.MethodPost, path: wire.PathPulse, body: p.body, signed: true})
+	cancel()
+	if err != nil {
+		var se *StatusError
+		if errors.As(err, &se) && !retryableStatus(se.StatusCode) {
+			c.pulsesDropped.Add(1)
+			c.setError(err)
+			c.log.Warn("waitstate: pulse refused and dropped", "seq", p.seq, "status", se.StatusCode)
+			return pulseDropped, err
+		}
+		if ctx.Err() == nil {
+			c.pulsesFailed.Add(1)
+			c.setError(err)
+		}
+		return pulseRetry, err
+	}
+	c.pulsesSent.Add(1)
+	policy, ttl, err := c.parseLeaseResponse(data)
+	if err != nil {
+		c.policyErrors.Add(1)
+		c.setError(err)
+		c.log.Warn("waitstate: pulse response refused", "seq", p.seq, "error", err)
+		return pulseAcked, err
+	}
+	c.applyLease(policy, ttl, true, 0)
+	return pulseAcked, nil
+}
+
+// retryableStatus reports whether a pulse answered with code is to be sent
+// again (SPEC §3): 3xx, 5xx, 401, 403, 408 and 429. Any other 4xx drops it.
+func retryableStatus(code int) bool {
+	switch {
+	case code >= 300 && code < 400, code >= 500:
+		return true
+	}
+	switch code {
+	case http.StatusUnauthorized, http.StatusForbidden, http.StatusRequestTimeout, http.StatusTooManyRequests:
+		return true
+	}
+	return false
+}
+
+// cut closes the live window and returns it as the next pulse. With final
+// set no new window opens: from then on Gate counts nothing.
+func (c *Client) cut(final bool) *pulse {
+	now := c.clock()
+	c.mu.Lock()
+	old := c.win
+	if final {
+		c.win = nil
+	} else {
+		c.win = newWindow(c.seed, now)
+	}
+	c.publish()
+	// Once the new view is published, a Gate that still adds to the old
+	// window finds its counter sealed and counts again in the new one.
+	counts := old.collect(true)
+	c.usageTotal += counts.usage
+	c.bouncedTotal += counts.bounced
+	body := pulseJSON{
+		InstanceID:   c.instanceID,
+		SiteID:       c.opts.SiteID,
+		SDK:          UserAgent,
+		WindowEndMs:  time.Now().UnixMilli(),
+		WindowMs:     (now - old.start).Milliseconds(),
+		Mode:         c.mode.String(),
+		UsageDelta:   counts.usage,
+		BouncedDelta: counts.bounced,
+		UsageTotal:   c.usageTotal,
+		BouncedTotal: c.bouncedTotal,
+		Tags:         counts.tags,
+	}
+	if c.mode != ModeFailOpen && c.policy != nil {
+		body.PolicyVersion = c.policy.Version
+	}
+	c.mu.Unlock()
+
+	c.hist.snapshot(c.histCur)
+	body.Health = healthBetween(c.histPrev, c.histCur)
+	c.histPrev, c.histCur = c.histCur, c.histPrev
+	c.seq++
+	body.Seq = c.seq
+	data, err := json.Marshal(body)
+	if err != nil {
+		panic("waitstate: encoding a pulse: " + err.Error()) // plain data: cannot fail
+	}
+	return &pulse{seq: c.seq, body: data}
+}
+
+// flush is Shutdown's last word: the pending pulse, then the last window,
+// one try each; the last window is cut only if the pending pulse was
+// acknowledged. Its counts stay in Stats either way.
+func (c *Client) flush(ctx context.Context) error {
+	if c.pending != nil {
+		out, err := c.sendPulse(ctx, c.pending)
+		if out != pulseAcked {
+			c.cut(true) // close the window without sending it
+			return err
+		}
+		c.pending = nil
+	}
+	_, err := c.sendPulse(ctx, c.cut(true))
+	return err
+}
+
+// logTransition logs when a loop starts failing (401/403 as an error: the
+// keys or site are refused) and when it recovers, not every failed tick.
+// It returns whether the loop is failing now.
+func (c *Client) logTransition(op string, wasFailing bool, err error) bool {
+	switch {
+	case err == nil && wasFailing:
+		c.log.Info("waitstate: control plane answering again", "op", op)
+	case err != nil && !wasFailing && isConfigError(err):
+		c.log.Error("waitstate: control plane refuses the keys or site; check PublishKey, SecretKey and SiteID", "op", op, "error", err)
+	case err != nil && !wasFailing:
+		c.log.Warn("waitstate: control plane request failing", "op", op, "error", err)
+	}
+	return err != nil
+}

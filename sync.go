@@ -1,0 +1,128 @@
+package waitstate
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/http"
+	"time"
+
+	"github.com/waitstate/waitstate-go/internal/wire"
+)
+
+// syncState is the sync goroutine's own state.
+type syncState struct {
+	tok     *token
+	synced  bool          // a policy has been fetched and applied
+	backoff time.Duration // next backoff ceiling until synced
+	failing bool
+}
+
+// syncLoop fetches the policy at once, then retries with exponential
+// backoff and full jitter until the first success, then syncs every
+// SyncInterval (jittered) until ctx ends.
+func (c *Client) syncLoop(ctx context.Context) error {
+	st := &syncState{backoff: min(time.Second, c.opts.SyncInterval)}
+	t := time.NewTimer(c.syncTick(ctx, st))
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+			t.Reset(c.syncTick(ctx, st))
+		}
+	}
+}
+
+// syncTick syncs once and returns how long to wait before the next sync.
+func (c *Client) syncTick(ctx context.Context, st *syncState) time.Duration {
+	err := c.syncOnce(ctx, st)
+	if ctx.Err() != nil {
+		return time.Hour // the loop is ending
+	}
+	st.failing = c.logTransition("sync", st.failing, err)
+	var wait time.Duration
+	switch {
+	case err == nil:
+		st.synced = true
+		wait = jitter(c.opts.SyncInterval)
+	case isConfigError(err) || st.synced:
+		c.syncsFailed.Add(1)
+		c.setError(err)
+		wait = jitter(c.opts.SyncInterval) // the longest wait there is
+	default:
+		c.syncsFailed.Add(1)
+		c.setError(err)
+		wait = rand.N(st.backoff) + 1 // full jitter
+		st.backoff = min(2*st.backoff, c.opts.SyncInterval)
+	}
+	return max(wait, retryAfter(err))
+}
+
+// syncOnce makes sure a valid token is held, fetches the policy, and applies
+// it. A 401 drops the token; a new one is fetched and the GET retried once.
+func (c *Client) syncOnce(ctx context.Context, st *syncState) error {
+	if err := c.ensureToken(ctx, st); err != nil {
+		return err
+	}
+	gen := c.pulseGenNow()
+	data, err := c.getPolicy(ctx, st.tok.value)
+	var se *StatusError
+	if errors.As(err, &se) && se.StatusCode == http.StatusUnauthorized {
+		st.tok = nil
+		if err := c.ensureToken(ctx, st); err != nil {
+			return err
+		}
+		gen = c.pulseGenNow()
+		data, err = c.getPolicy(ctx, st.tok.value)
+	}
+	if err != nil {
+		return err
+	}
+	policy, ttl, err := c.parseLeaseResponse(data)
+	if err == nil && policy == nil {
+		err = fmt.Errorf("%w: policy is null", ErrBadResponse)
+	}
+	if err != nil {
+		c.policyErrors.Add(1)
+		return fmt.Errorf("waitstate: policy: %w", err)
+	}
+	c.applyLease(policy, ttl, false, gen)
+	return nil
+}
+
+// ensureToken fetches a token when none is held or less than half of its
+// lifetime is left. A failed refresh keeps a token that has not expired.
+func (c *Client) ensureToken(ctx context.Context, st *syncState) error {
+	now := c.clock()
+	if st.tok != nil && now < st.tok.refreshAt {
+		return nil
+	}
+	rctx, cancel := context.WithTimeout(ctx, c.opts.SyncInterval)
+	defer cancel()
+	tok, err := c.fetchToken(rctx)
+	if err != nil {
+		if st.tok != nil && now < st.tok.expiresAt {
+			c.setError(err)
+			return nil
+		}
+		st.tok = nil
+		return err
+	}
+	st.tok = tok
+	return nil
+}
+
+func (c *Client) getPolicy(ctx context.Context, bearer string) ([]byte, error) {
+	rctx, cancel := context.WithTimeout(ctx, c.opts.SyncInterval)
+	defer cancel()
+	return c.do(rctx, call{op: "policy", method: http.MethodGet, path: wire.PathPolicy, bearer: bearer})
+}
+
+func (c *Client) pulseGenNow() uint64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.pulseGen
+}
