@@ -71,11 +71,11 @@ type Client struct {
 	syncsFailed   atomic.Uint64
 	lastErr       atomic.Pointer[string]
 
-	ready     chan struct{} // closed when the first policy is applied
-	done      chan struct{} // closed by Shutdown
-	cancel    context.CancelFunc
-	group     *errgroup.Group
-	shutdown  atomic.Bool
+	ready    chan struct{} // closed when the first policy is applied
+	done     chan struct{} // closed by Shutdown
+	cancel   context.CancelFunc
+	group    *errgroup.Group
+	shutdown atomic.Bool
 }
 
 // New validates opts, starts the client's two background goroutines and

@@ -117,16 +117,16 @@ type TokenFault int
 
 // The bad tokens /v1/token can issue.
 const (
-	TokenOK            TokenFault = iota
-	TokenWrongKey                 // signed with another secret
-	TokenAlgNone                  // "alg": "none", no signature
-	TokenHS512                    // signed with the right secret, wrong algorithm
-	TokenExpired                  // exp two minutes ago (beyond the leeway)
-	TokenNoExpiry                 // no exp claim
-	TokenWrongSubject             // sub is another key
-	TokenWrongIssuer              // iss is not "waitstate"
-	TokenWrongSite                // site is not the requesting site
-	TokenGarbage                  // not a JWT at all
+	TokenOK           TokenFault = iota
+	TokenWrongKey                // signed with another secret
+	TokenAlgNone                 // "alg": "none", no signature
+	TokenHS512                   // signed with the right secret, wrong algorithm
+	TokenExpired                 // exp two minutes ago (beyond the leeway)
+	TokenNoExpiry                // no exp claim
+	TokenWrongSubject            // sub is another key
+	TokenWrongIssuer             // iss is not "waitstate"
+	TokenWrongSite               // site is not the requesting site
+	TokenGarbage                 // not a JWT at all
 )
 
 // Faults script how the control plane misbehaves. The zero value is a
