@@ -1,12 +1,12 @@
 package waitstate
 
 import (
-	"hash/maphash"
 	"math"
 	"math/bits"
 	"strings"
 	"sync/atomic"
 	"time"
+	"unsafe"
 )
 
 // Per-window tag tracking (SPEC §3).
@@ -30,37 +30,83 @@ const tableSize = 2 * MaxWindowTags
 // exactly-once without a lock on the hot path.
 const sealBit = 1 << 63
 
-// tagCounter counts the calls of one tag in one window.
+// tagCounter counts the calls of one tag in one window, and caches the
+// tag's limit under a policy so that Gate resolves tag → (limit, counter)
+// with a single lookup.
 type tagCounter struct {
-	tag     string
+	// Read by every Gate of the tag: kept off the written cache line.
+	tag  string
+	lim  atomic.Pointer[tagLimit] // nil for OtherTag, whose tags vary
+	lim0 tagLimit                 // the first lim, allocated with the counter
+	_    [24]byte
+
+	// Written by every Gate of the tag: striped, so that Gates running on
+	// different cores seldom write the same cache line.
+	stripes [counterStripes]stripe
+}
+
+// counterStripes is how many cache lines a tag's counts are spread over.
+const counterStripes = 8 // 1 << 3, as stripeHint assumes
+
+type stripe struct {
 	usage   atomic.Uint64
 	bounced atomic.Uint64
-	_       [32]byte // keep busy counters on cache lines of their own
+	_       [48]byte
+}
+
+// stripeHint picks a stripe for the calling goroutine from the address of
+// its stack: goroutines have different stacks, so concurrent Gates of one
+// tag mostly write different cache lines, at the cost of a shift and a
+// mask. It is only a hint: any stripe counts correctly.
+//
+//go:nosplit
+func stripeHint() uintptr {
+	var b byte
+	// Fibonacci hashing of the address above the frame offset: stacks of
+	// any size and alignment spread over all stripes.
+	return uintptr(uint64(uintptr(unsafe.Pointer(&b))>>10) * 0x9E3779B97F4A7C15 >> (64 - 3))
+}
+
+// tagLimit is a tag's limit under one policy.
+type tagLimit struct {
+	policy *Policy
+	limit  float64
+	reason Reason // the denial reason: ReasonTagMaxWeight or ReasonGlobalMaxWeight
 }
 
 // add counts one call. It reports false when the window had already been
 // cut, in which case nothing was counted here.
 func (t *tagCounter) add(allowed bool) bool {
+	s := &t.stripes[stripeHint()]
 	var n uint64
 	if allowed {
-		n = t.usage.Add(1)
+		n = s.usage.Add(1)
 	} else {
-		n = t.bounced.Add(1)
+		n = s.bounced.Add(1)
 	}
 	return n&sealBit == 0
 }
 
 // seal freezes the counter and returns its final counts.
 func (t *tagCounter) seal() tagCount {
-	return tagCount{
-		Usage:   t.usage.Or(sealBit) &^ sealBit,
-		Bounced: t.bounced.Or(sealBit) &^ sealBit,
+	var tc tagCount
+	for i := range t.stripes {
+		s := &t.stripes[i]
+		tc.Usage += s.usage.Or(sealBit) &^ sealBit
+		tc.Bounced += s.bounced.Or(sealBit) &^ sealBit
 	}
+	return tc
 }
 
 // peek returns the counts so far without freezing them.
 func (t *tagCounter) peek() tagCount {
-	return tagCount{Usage: t.usage.Load() &^ sealBit, Bounced: t.bounced.Load() &^ sealBit}
+	var tc tagCount
+	for i := range t.stripes {
+		s := &t.stripes[i]
+		tc.Usage += s.usage.Load() &^ sealBit
+		tc.Bounced += s.bounced.Load() &^ sealBit
+	}
+	return tc
 }
 
 // tagCount is one tag's counts in a pulse.
@@ -73,21 +119,22 @@ type tagCount struct {
 // table: lookups and counting never allocate, and a tag is registered with
 // one allocation and a compare-and-swap the first time the window sees it.
 type window struct {
-	seed  maphash.Seed
+	seed  uint64
 	slots [tableSize]atomic.Pointer[tagCounter]
 	n     atomic.Int32 // registered tags, at most MaxWindowTags
 	other tagCounter
 	start time.Duration // client clock when the window opened
 }
 
-func newWindow(seed maphash.Seed, start time.Duration) *window {
+func newWindow(seed uint64, start time.Duration) *window {
 	return &window{seed: seed, start: start, other: tagCounter{tag: OtherTag}}
 }
 
 // counter returns tag's counter, registering the tag when the window has not
-// seen it, or the OtherTag counter when the window is full.
-func (w *window) counter(tag string) *tagCounter {
-	i := maphash.String(w.seed, tag) & (tableSize - 1)
+// seen it, or the OtherTag counter when the window is full. A new counter
+// caches the tag's limit under p.
+func (w *window) counter(tag string, p *Policy) *tagCounter {
+	i := tagHash(w.seed, tag) & (tableSize - 1)
 	var fresh *tagCounter
 	for {
 		c := w.slots[i].Load()
@@ -97,6 +144,8 @@ func (w *window) counter(tag string) *tagCounter {
 					return &w.other
 				}
 				fresh = &tagCounter{tag: strings.Clone(tag)}
+				fresh.lim0 = p.limitFor(tag)
+				fresh.lim.Store(&fresh.lim0)
 			}
 			if w.slots[i].CompareAndSwap(nil, fresh) {
 				return fresh
@@ -113,6 +162,53 @@ func (w *window) counter(tag string) *tagCounter {
 	}
 }
 
+// tagHash is a seeded 64-bit hash of a tag, built like wyhash from 64×64→128
+// multiplications: every byte is read, and with a random seed the table's
+// slots cannot be predicted from outside. It is here rather than
+// hash/maphash because Gate hashes every call, and this inlines its short
+// cases, which is a third of Gate's cost.
+func tagHash(seed uint64, s string) uint64 {
+	const (
+		k0 = 0xa0761d6478bd642f
+		k1 = 0xe7037ed1a0b428db
+		k2 = 0x8ebc6af09c88c6e3
+	)
+	n := len(s)
+	var a, b uint64
+	switch {
+	case n > 16:
+		for rest := s; len(rest) > 16; rest = rest[16:] {
+			seed = mix64(le64(rest)^k1, le64(rest[8:])^seed)
+		}
+		a, b = le64(s[n-16:]), le64(s[n-8:])
+	case n >= 8:
+		a, b = le64(s), le64(s[n-8:])
+	case n >= 4:
+		a, b = le32(s), le32(s[n-4:])
+	case n > 0:
+		a = uint64(s[0])<<16 | uint64(s[n>>1])<<8 | uint64(s[n-1])
+	}
+	return mix64(a^k1^uint64(n), mix64(b^seed, k2)^k0)
+}
+
+func mix64(a, b uint64) uint64 {
+	hi, lo := bits.Mul64(a, b)
+	return hi ^ lo
+}
+
+// le64 and le32 read little-endian words; the compiler turns each into a
+// single load.
+func le64(s string) uint64 {
+	_ = s[7]
+	return uint64(s[0]) | uint64(s[1])<<8 | uint64(s[2])<<16 | uint64(s[3])<<24 |
+		uint64(s[4])<<32 | uint64(s[5])<<40 | uint64(s[6])<<48 | uint64(s[7])<<56
+}
+
+func le32(s string) uint64 {
+	_ = s[3]
+	return uint64(s[0]) | uint64(s[1])<<8 | uint64(s[2])<<16 | uint64(s[3])<<24
+}
+
 // reserve takes one of the window's MaxWindowTags places.
 func (w *window) reserve() bool {
 	for {
@@ -122,6 +218,18 @@ func (w *window) reserve() bool {
 		}
 		if w.n.CompareAndSwap(n, n+1) {
 			return true
+		}
+	}
+}
+
+// relimit caches every registered tag's limit under p, so that Gate keeps a
+// single lookup after a policy change. Gate checks the cached policy, so a
+// stale or missing entry costs a second lookup, never a wrong answer.
+func (w *window) relimit(p *Policy) {
+	for i := range w.slots {
+		if c := w.slots[i].Load(); c != nil {
+			l := p.limitFor(c.tag)
+			c.lim.Store(&l)
 		}
 	}
 }

@@ -94,19 +94,34 @@ type view struct {
 // nothing.
 func (c *Client) Gate(tag string, weight float64) GateResult {
 	v := c.view.Load()
+	var ctr *tagCounter
+	if v.win != nil {
+		ctr = v.win.counter(tag, v.policy)
+	}
 	var r GateResult
 	switch v.mode {
 	case ModeEnforcing:
-		r = v.policy.decide(tag, normWeight(weight))
+		w := normWeight(weight)
+		if ctr != nil {
+			if l := ctr.lim.Load(); l != nil && l.policy == v.policy {
+				r = l.decide(w) // the single-lookup path
+				break
+			}
+		}
+		r = v.policy.decide(tag, w)
 	case ModeSafeMode:
 		r = c.safe.gate(c.clock())
 	default:
 		r = GateResult{Allowed: true, Reason: ReasonFailOpen, Limit: math.Inf(1)}
 	}
-	for v.win != nil && !v.win.counter(tag).add(r.Allowed) {
+	for ctr != nil && !ctr.add(r.Allowed) {
 		// The window was cut between the load and the add: count in the
 		// window that replaced it. Rare, and bounded by the cut rate.
 		v = c.view.Load()
+		ctr = nil
+		if v.win != nil {
+			ctr = v.win.counter(tag, v.policy)
+		}
 	}
 	return r
 }

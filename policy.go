@@ -59,16 +59,29 @@ func (p *Policy) Gate(tag string, weight float64) GateResult {
 
 // decide is Gate for a weight already normalised.
 func (p *Policy) decide(tag string, weight float64) GateResult {
-	limit, reason := p.GlobalMaxWeight, ReasonGlobalMaxWeight
+	l := p.limitFor(tag)
+	return l.decide(weight)
+}
+
+// limitFor resolves tag's limit: its own entry, else the global one.
+func (p *Policy) limitFor(tag string) tagLimit {
+	if p == nil {
+		return tagLimit{limit: math.Inf(1), reason: ReasonGlobalMaxWeight}
+	}
 	if len(p.TagMaxWeights) != 0 {
 		if l, ok := p.TagMaxWeights[tag]; ok {
-			limit, reason = l, ReasonTagMaxWeight
+			return tagLimit{policy: p, limit: l, reason: ReasonTagMaxWeight}
 		}
 	}
-	if weight <= limit {
-		return GateResult{Allowed: true, Reason: ReasonAllowed, Limit: limit}
+	return tagLimit{policy: p, limit: p.GlobalMaxWeight, reason: ReasonGlobalMaxWeight}
+}
+
+// decide holds a normalised weight against the limit.
+func (l *tagLimit) decide(weight float64) GateResult {
+	if weight <= l.limit {
+		return GateResult{Allowed: true, Reason: ReasonAllowed, Limit: l.limit}
 	}
-	return GateResult{Allowed: false, Reason: reason, Limit: limit}
+	return GateResult{Allowed: false, Reason: l.reason, Limit: l.limit}
 }
 
 // normWeight maps NaN and negative weights to 1.

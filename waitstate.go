@@ -3,7 +3,6 @@ package waitstate
 import (
 	"context"
 	"errors"
-	"hash/maphash"
 	"log/slog"
 	"math/rand/v2"
 	"net/http"
@@ -38,7 +37,7 @@ type Client struct {
 	log        *slog.Logger
 	jwtParser  *jwt.Parser
 	instanceID string
-	seed       maphash.Seed
+	seed       uint64               // of the tag tables' hash
 	clock      func() time.Duration // monotonic time since New
 
 	// The hot path: Gate reads view once, and safe only in safe mode.
@@ -100,7 +99,7 @@ func newClient(opts Options, clock func() time.Duration) (*Client, error) {
 		log:        o.Logger,
 		jwtParser:  newJWTParser(o.PublishKey),
 		instanceID: wire.RandomHex(),
-		seed:       maphash.MakeSeed(),
+		seed:       rand.Uint64(),
 		clock:      clock,
 		safe:       newLimiter(o.SafeModeMaxRPS),
 		histPrev:   new(histSnapshot),
@@ -272,6 +271,9 @@ func (c *Client) applyLease(p *Policy, ttl time.Duration, fromPulse bool, gen ui
 			c.pulseGen++
 		}
 		c.policy = p
+		if c.win != nil {
+			c.win.relimit(p) // before publish: Gate checks which policy a limit is for
+		}
 		if held == nil {
 			close(c.ready)
 		}
