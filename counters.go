@@ -35,10 +35,11 @@ const sealBit = 1 << 63
 // with a single lookup.
 type tagCounter struct {
 	// Read by every Gate of the tag: kept off the written cache line.
-	tag  string
-	lim  atomic.Pointer[tagLimit] // nil for OtherTag, whose tags vary
-	lim0 tagLimit                 // the first lim, allocated with the counter
-	_    [24]byte
+	tag      string
+	overflow bool                     // a marker: the tag came after the window was full
+	lim      atomic.Pointer[tagLimit] // nil for OtherTag, whose tags vary
+	lim0     tagLimit                 // the first lim, allocated with the counter
+	_        [16]byte
 
 	// Written by every Gate of the tag: striped, so that Gates running on
 	// different cores seldom write the same cache line.
@@ -130,37 +131,68 @@ func newWindow(seed uint64, start time.Duration) *window {
 	return &window{seed: seed, start: start, other: tagCounter{tag: OtherTag}}
 }
 
-// counter returns tag's counter, registering the tag when the window has not
-// seen it, or the OtherTag counter when the window is full. A new counter
-// caches the tag's limit under p.
+// counter returns the counter to count tag in: its own, registered on
+// first sight, or the OtherTag counter once the window tracks
+// MaxWindowTags tags. It returns nil when the window has been sealed before
+// the tag could be registered; the caller then counts in the next window.
+// A new counter caches the tag's limit under p.
+//
+// Whether a tag is tracked is settled once per window by the compare-and-
+// swap that puts its entry in the table, so every call of a tag in a window
+// is counted in the same place, even when two goroutines race to register
+// it as the window fills: the loser finds the winner's entry.
 func (w *window) counter(tag string, p *Policy) *tagCounter {
 	i := tagHash(w.seed, tag) & (tableSize - 1)
 	var fresh *tagCounter
-	for {
+	for range tableSize {
 		c := w.slots[i].Load()
 		if c == nil {
 			if fresh == nil {
-				if !w.reserve() {
-					return &w.other
-				}
-				fresh = &tagCounter{tag: strings.Clone(tag)}
-				fresh.lim0 = p.limitFor(tag)
-				fresh.lim.Store(&fresh.lim0)
+				fresh = w.newCounter(tag, p)
 			}
 			if w.slots[i].CompareAndSwap(nil, fresh) {
-				return fresh
+				return w.resolve(fresh)
 			}
 			c = w.slots[i].Load() // another Gate took the slot first
 		}
+		if c == sealedSlot {
+			return nil // the table was sealed: tag is not in it
+		}
 		if c.tag == tag {
-			if fresh != nil {
+			if fresh != nil && !fresh.overflow {
 				w.n.Add(-1) // it registered the same tag: give back our place
 			}
-			return c
+			return w.resolve(c)
 		}
 		i = (i + 1) & (tableSize - 1)
 	}
+	return &w.other // every slot holds another tag: none can be added
 }
+
+// newCounter makes an entry for tag: a counter when one of the window's
+// MaxWindowTags places is free, else an overflow marker that sends the
+// tag's calls to OtherTag.
+func (w *window) newCounter(tag string, p *Policy) *tagCounter {
+	c := &tagCounter{tag: strings.Clone(tag)}
+	if !w.reserve() {
+		c.overflow = true
+		return c
+	}
+	c.lim0 = p.limitFor(tag)
+	c.lim.Store(&c.lim0)
+	return c
+}
+
+func (w *window) resolve(c *tagCounter) *tagCounter {
+	if c.overflow {
+		return &w.other
+	}
+	return c
+}
+
+// sealedSlot fills the empty slots of a sealed window, so that no tag can
+// be registered in it once its counters have been read.
+var sealedSlot = new(tagCounter)
 
 // tagHash is a seeded 64-bit hash of a tag, built like wyhash from 64×64→128
 // multiplications: every byte is read, and with a random seed the table's
@@ -227,7 +259,7 @@ func (w *window) reserve() bool {
 // stale or missing entry costs a second lookup, never a wrong answer.
 func (w *window) relimit(p *Policy) {
 	for i := range w.slots {
-		if c := w.slots[i].Load(); c != nil {
+		if c := w.slots[i].Load(); c != nil && c != sealedSlot && !c.overflow {
 			l := p.limitFor(c.tag)
 			c.lim.Store(&l)
 		}
@@ -241,8 +273,10 @@ type windowCounts struct {
 }
 
 // collect reads every counter, freezing them when seal is set (the window
-// is being cut) or not (a Stats peek). A user tag spelled like OtherTag is
-// merged into it.
+// is being cut) or not (a Stats peek). Sealing also fills every empty slot,
+// so a Gate that registers a tag after the sweep finds the window sealed
+// and counts in the next one: no count can land where collect did not
+// look. A user tag spelled like OtherTag is merged into it.
 func (w *window) collect(seal bool) windowCounts {
 	wc := windowCounts{tags: make(map[string]tagCount, w.n.Load()+1)}
 	read := func(c *tagCounter) {
@@ -259,7 +293,14 @@ func (w *window) collect(seal bool) windowCounts {
 		wc.tags[c.tag] = tagCount{Usage: prev.Usage + tc.Usage, Bounced: prev.Bounced + tc.Bounced}
 	}
 	for i := range w.slots {
-		if c := w.slots[i].Load(); c != nil {
+		c := w.slots[i].Load()
+		if c == nil && seal {
+			if w.slots[i].CompareAndSwap(nil, sealedSlot) {
+				continue
+			}
+			c = w.slots[i].Load() // a Gate registered a tag just now
+		}
+		if c != nil && c != sealedSlot && !c.overflow {
 			read(c)
 		}
 	}

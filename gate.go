@@ -114,11 +114,10 @@ func (c *Client) Gate(tag string, weight float64) GateResult {
 	default:
 		r = GateResult{Allowed: true, Reason: ReasonFailOpen, Limit: math.Inf(1)}
 	}
-	for ctr != nil && !ctr.add(r.Allowed) {
+	for v.win != nil && (ctr == nil || !ctr.add(r.Allowed)) {
 		// The window was cut between the load and the add: count in the
 		// window that replaced it. Rare, and bounded by the cut rate.
 		v = c.view.Load()
-		ctr = nil
 		if v.win != nil {
 			ctr = v.win.counter(tag, v.policy)
 		}

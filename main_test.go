@@ -101,3 +101,27 @@ func waitReady(t testing.TB, c *Client) {
 	defer cancel()
 	require.NoError(t, c.Ready(ctx))
 }
+
+// idleClient is a client whose background goroutines are stopped, so that
+// a test drives its state by hand: policy p applied (enforcing) unless nil
+// (fail-open). clock is its clock; nil is the real one.
+func idleClient(tb testing.TB, clock func() time.Duration, p *Policy) *Client {
+	tb.Helper()
+	if clock == nil {
+		start := time.Now()
+		clock = func() time.Duration { return time.Since(start) }
+	}
+	c, err := newClient(Options{PublishKey: "pk", SecretKey: testSecretKey, BaseURL: "http://127.0.0.1:1"}, clock)
+	require.NoError(tb, err)
+	c.cancel()
+	require.NoError(tb, c.group.Wait())
+	tb.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), waitFor)
+		defer cancel()
+		_ = c.Shutdown(ctx) // nothing listens: the flush fails at once
+	})
+	if p != nil {
+		c.applyLease(p, time.Hour, false, 0)
+	}
+	return c
+}

@@ -124,11 +124,16 @@ func retryableStatus(code int) bool {
 }
 
 // cut closes the live window and returns it as the next pulse. With final
-// set no new window opens: from then on Gate counts nothing.
+// set no new window opens: from then on Gate counts nothing. After the final
+// cut there is nothing to cut: it returns nil.
 func (c *Client) cut(final bool) *pulse {
 	now := c.clock()
 	c.mu.Lock()
 	old := c.win
+	if old == nil {
+		c.mu.Unlock()
+		return nil
+	}
 	if final {
 		c.win = nil
 	} else {
@@ -182,7 +187,11 @@ func (c *Client) flush(ctx context.Context) error {
 		}
 		c.pending = nil
 	}
-	_, err := c.sendPulse(ctx, c.cut(true))
+	last := c.cut(true)
+	if last == nil {
+		return nil
+	}
+	_, err := c.sendPulse(ctx, last)
 	return err
 }
 

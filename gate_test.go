@@ -1,0 +1,252 @@
+package waitstate
+
+import (
+	"encoding/json"
+	"fmt"
+	"math"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func TestModeAndReasonNames(t *testing.T) {
+	assert.Equal(t, "fail_open", ModeFailOpen.String())
+	assert.Equal(t, "enforcing", ModeEnforcing.String())
+	assert.Equal(t, "safe_mode", ModeSafeMode.String())
+	assert.Equal(t, "unknown", Mode(9).String())
+	want := []string{"allowed", "fail_open", "global_max_weight", "tag_max_weight", "safe_mode", "safe_mode_limit"}
+	for i, name := range want {
+		assert.Equal(t, name, Reason(i).String())
+	}
+	assert.Equal(t, "unknown", Reason(200).String())
+}
+
+// TestGateAllocatesNothing is the allocation guard of the hot path: once a
+// window has seen a tag, Gate allocates nothing in any mode.
+func TestGateAllocatesNothing(t *testing.T) {
+	c := idleClient(t, nil, nil)
+	gateAll := func() {
+		for _, tag := range benchTags {
+			c.Gate(tag, 2)
+		}
+		c.Gate("free", math.NaN())
+	}
+	gateAll()
+	assert.Zero(t, testing.AllocsPerRun(500, gateAll), "fail_open")
+
+	c.applyLease(benchPolicy, time.Hour, false, 0)
+	assert.Zero(t, testing.AllocsPerRun(500, gateAll), "enforcing")
+
+	c.mu.Lock()
+	c.mode = ModeSafeMode
+	c.publish()
+	c.mu.Unlock()
+	assert.Zero(t, testing.AllocsPerRun(500, gateAll), "safe_mode")
+
+	// Past the tag cap, unseen tags allocate nothing once the table is full.
+	for i := range 2 * tableSize {
+		c.Gate(fmt.Sprint("flood-", i), 1)
+	}
+	tags := make([]string, 100)
+	for i := range tags {
+		tags[i] = fmt.Sprint("more-", i)
+	}
+	assert.Zero(t, testing.AllocsPerRun(100, func() {
+		for _, tag := range tags {
+			c.Gate(tag, 1)
+		}
+	}), "tag flood")
+}
+
+func TestGateEnforcesPolicy(t *testing.T) {
+	c := idleClient(t, nil, &Policy{Version: 4, GlobalMaxWeight: 5, TagMaxWeights: map[string]float64{"free": 0}})
+	assert.Equal(t, GateResult{false, ReasonTagMaxWeight, 0}, c.Gate("free", 1))
+	assert.Equal(t, GateResult{true, ReasonAllowed, 5}, c.Gate("pro", 5))
+	assert.Equal(t, GateResult{false, ReasonGlobalMaxWeight, 5}, c.Gate("pro", 6))
+
+	// A new policy mid-window: cached limits follow it.
+	c.applyLease(&Policy{Version: 5, GlobalMaxWeight: 1, TagMaxWeights: map[string]float64{"pro": 10}}, time.Hour, false, 0)
+	assert.Equal(t, GateResult{true, ReasonAllowed, 1}, c.Gate("free", 1))
+	assert.Equal(t, GateResult{true, ReasonAllowed, 10}, c.Gate("pro", 6))
+	assert.Equal(t, GateResult{false, ReasonGlobalMaxWeight, 1}, c.Gate("new", 2))
+	s := c.Stats()
+	assert.EqualValues(t, 3, s.Usage)
+	assert.EqualValues(t, 3, s.Bounced)
+	assert.EqualValues(t, 5, s.PolicyVersion)
+}
+
+// TestCountExactAcrossCuts gates from 8 goroutines while windows are cut
+// as fast as they can be: every call lands in exactly one window.
+func TestCountExactAcrossCuts(t *testing.T) {
+	c := idleClient(t, nil, &Policy{Version: 1, GlobalMaxWeight: 5, TagMaxWeights: map[string]float64{"free": 0}})
+	tags := []string{"free", "pro", "ent", "batch", "x"}
+	var stop atomic.Bool
+	var wg sync.WaitGroup
+	local := make([]map[string]tagCount, 8)
+	for g := range local {
+		local[g] = map[string]tagCount{}
+		wg.Go(func() {
+			for i := 0; !stop.Load(); i++ {
+				tag := tags[(i+g)%len(tags)]
+				r := c.Gate(tag, float64(i%8))
+				tc := local[g][tag]
+				if r.Allowed {
+					tc.Usage++
+				} else {
+					tc.Bounced++
+				}
+				local[g][tag] = tc
+			}
+		})
+	}
+	var pulses []pulseJSON
+	cutOne := func(final bool) {
+		var p pulseJSON
+		require.NoError(t, json.Unmarshal(c.cut(final).body, &p))
+		pulses = append(pulses, p)
+	}
+	for range 200 {
+		cutOne(false)
+	}
+	stop.Store(true)
+	wg.Wait()
+	cutOne(true)
+
+	want := map[string]tagCount{}
+	var wantUsage, wantBounced uint64
+	for _, m := range local {
+		for tag, tc := range m {
+			w := want[tag]
+			want[tag] = tagCount{Usage: w.Usage + tc.Usage, Bounced: w.Bounced + tc.Bounced}
+			wantUsage += tc.Usage
+			wantBounced += tc.Bounced
+		}
+	}
+	got := map[string]tagCount{}
+	var usage, bounced uint64
+	for i, p := range pulses {
+		assert.EqualValues(t, i+1, p.Seq)
+		usage += p.UsageDelta
+		bounced += p.BouncedDelta
+		assert.Equal(t, usage, p.UsageTotal)
+		assert.Equal(t, bounced, p.BouncedTotal)
+		for tag, tc := range p.Tags {
+			g := got[tag]
+			got[tag] = tagCount{Usage: g.Usage + tc.Usage, Bounced: g.Bounced + tc.Bounced}
+		}
+	}
+	assert.Equal(t, want, got)
+	assert.Equal(t, wantUsage, usage)
+	assert.Equal(t, wantBounced, bounced)
+	assert.Greater(t, wantUsage+wantBounced, uint64(1000), "the goroutines ran")
+
+	// After the final cut Gate answers and counts nothing.
+	assert.Equal(t, GateResult{false, ReasonTagMaxWeight, 0}, c.Gate("free", 1))
+	assert.Equal(t, wantUsage, c.Stats().Usage)
+	assert.Equal(t, wantBounced, c.Stats().Bounced)
+}
+
+// fakeClock is a clock a test moves by hand.
+type fakeClock struct{ now atomic.Int64 }
+
+func (f *fakeClock) read() time.Duration      { return time.Duration(f.now.Load()) }
+func (f *fakeClock) advance(d time.Duration) { f.now.Add(int64(d)) }
+
+func TestSafeModeLimiter(t *testing.T) {
+	var clk fakeClock
+	clk.advance(time.Hour)
+	l := newLimiter(50)
+	l.reset(clk.read())
+	allowed := 0
+	for range 200 {
+		if l.gate(clk.read()).Allowed {
+			allowed++
+		}
+	}
+	assert.Equal(t, 50, allowed, "a burst of one second's worth")
+	assert.Equal(t, GateResult{false, ReasonSafeModeLimit, inf}, l.gate(clk.read()))
+
+	// Then 50 per second: one every 20 ms.
+	allowed = 0
+	for range 1000 { // 10 s in 10 ms steps
+		clk.advance(10 * time.Millisecond)
+		if r := l.gate(clk.read()); r.Allowed {
+			assert.Equal(t, GateResult{true, ReasonSafeMode, inf}, r)
+			allowed++
+		}
+		l.gate(clk.read())
+	}
+	assert.Equal(t, 500, allowed)
+
+	// Idle time refills at most one second's worth.
+	clk.advance(time.Minute)
+	allowed = 0
+	for range 200 {
+		if l.gate(clk.read()).Allowed {
+			allowed++
+		}
+	}
+	assert.Equal(t, 50, allowed)
+
+	assert.Equal(t, time.Nanosecond, newLimiter(math.MaxUint64).interval, "a huge rate does not overflow")
+}
+
+func TestApplyLeaseVersionRules(t *testing.T) {
+	c := idleClient(t, nil, nil)
+	v := func(n int64) *Policy { return &Policy{Version: n, GlobalMaxWeight: float64(n)} }
+
+	c.applyLease(nil, time.Hour, true, 0)
+	assert.Equal(t, ModeFailOpen, c.Mode(), "no policy held: nothing to renew")
+
+	c.applyLease(v(3), time.Hour, true, 0)
+	assert.EqualValues(t, 3, c.Policy().Version, "a pulse can bring the first policy")
+	assert.Equal(t, ModeEnforcing, c.Mode())
+
+	c.applyLease(v(3), time.Hour, true, 0)
+	c.applyLease(v(2), time.Hour, true, 0)
+	assert.EqualValues(t, 3, c.Policy().Version, "a pulse brings only newer policies")
+
+	gen := c.pulseGenNow()
+	c.applyLease(v(1), time.Hour, false, gen)
+	assert.EqualValues(t, 1, c.Policy().Version, "the GET is authoritative: a restarted control plane is followed")
+
+	gen = c.pulseGenNow()
+	c.applyLease(v(9), time.Hour, true, 0) // a pulse answered while the GET was in flight
+	c.applyLease(v(4), time.Hour, false, gen)
+	assert.EqualValues(t, 9, c.Policy().Version, "the GET never undoes a newer policy a pulse applied meanwhile")
+
+	gen = c.pulseGenNow()
+	c.applyLease(v(12), time.Hour, false, gen)
+	assert.EqualValues(t, 12, c.Policy().Version)
+}
+
+func TestLeaseExpiryAndRenewal(t *testing.T) {
+	c := idleClient(t, nil, nil)
+	c.applyLease(&Policy{Version: 2, GlobalMaxWeight: 0}, 50*time.Millisecond, false, 0)
+	assert.Equal(t, ModeEnforcing, c.Mode())
+	eventually(t, func() bool { return c.Mode() == ModeSafeMode }, "the lease timer enters safe mode")
+	assert.EqualValues(t, 2, c.Policy().Version, "Policy() is the last applied one in safe mode too")
+	r := c.Gate("x", 1e9)
+	assert.Equal(t, GateResult{true, ReasonSafeMode, inf}, r)
+
+	c.applyLease(nil, time.Hour, true, 0) // a renewal without a new policy
+	assert.Equal(t, ModeEnforcing, c.Mode())
+	assert.Equal(t, GateResult{false, ReasonGlobalMaxWeight, 0}, c.Gate("x", 1))
+}
+
+// TestLeaseRunsOnTheClientClock: the lease is measured on the monotonic
+// clock from receipt, so a timer that fires before the clock says the lease
+// is over re-arms instead of entering safe mode.
+func TestLeaseRunsOnTheClientClock(t *testing.T) {
+	var clk fakeClock
+	c := idleClient(t, clk.read, nil)
+	c.applyLease(&Policy{Version: 1, GlobalMaxWeight: 1}, 20*time.Millisecond, false, 0)
+	c.leaseExpired() // the timer fired but the clock has not moved
+	assert.Equal(t, ModeEnforcing, c.Mode())
+	clk.advance(20 * time.Millisecond)
+	eventually(t, func() bool { return c.Mode() == ModeSafeMode }, "safe mode once the clock passes the lease")
+}
