@@ -274,9 +274,6 @@ func (c *Client) applyLease(p *Policy, ttl time.Duration, fromPulse bool, gen ui
 		if c.win != nil {
 			c.win.relimit(p) // before publish: Gate checks which policy a limit is for
 		}
-		if held == nil {
-			close(c.ready)
-		}
 		if held == nil || held.Version != p.Version {
 			c.log.Info("waitstate: policy applied", "version", p.Version, "tags", len(p.TagMaxWeights))
 		}
@@ -297,6 +294,9 @@ func (c *Client) applyLease(p *Policy, ttl time.Duration, fromPulse bool, gen ui
 		c.mode = ModeEnforcing
 	}
 	c.publish()
+	if held == nil {
+		close(c.ready) // after publish: Ready's caller sees the policy in force
+	}
 }
 
 // leaseExpired runs on the lease timer: it enters safe mode unless the lease

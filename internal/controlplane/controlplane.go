@@ -143,7 +143,7 @@ type Faults struct {
 	Garbage       bool          // 2xx answers have a body that is not JSON, correctly signed
 	ForgeSig      bool          // 2xx answers carry a wrong signature
 	NoSig         bool          // 2xx answers carry no signature
-	Replay        bool          // 2xx answers replay an earlier answer to the same path
+	Replay        bool          // 2xx answers replay an earlier answer to the same path (or are bound to another nonce)
 	Oversize      bool          // 2xx answers have a body over 1 MiB, correctly signed
 	BadToken      TokenFault    // /v1/token issues this kind of bad token
 	NullPolicy    bool          // answers carry "policy": null
@@ -409,6 +409,9 @@ func (s *Server) answer(w http.ResponseWriter, r *http.Request, secret string, f
 	if f.Replay {
 		if prev, ok := s.lastReply[path]; ok {
 			body, sig = prev.body, prev.sig
+		} else {
+			// Nothing to replay yet: an answer bound to another request.
+			sig = wire.Sign(secret, wire.ResponseCanonical(path, wire.RandomHex(), body))
 		}
 	} else {
 		s.lastReply[path] = reply{body: body, sig: sig}
@@ -536,7 +539,9 @@ func (s *Server) policyFor(site string) (json.RawMessage, int64, bool) {
 	return raw, s.versions[""], ok
 }
 
-// leaseBody encodes an answer carrying policy (nil: null).
+// leaseBody encodes an answer carrying policy (nil: null). The policy is
+// written as it is, so that a policy set with SetPolicyJSON reaches the
+// client even when it is not JSON.
 func (s *Server) leaseBody(policy json.RawMessage) []byte {
 	s.mu.Lock()
 	ttl := s.leaseTTL
@@ -544,15 +549,14 @@ func (s *Server) leaseBody(policy json.RawMessage) []byte {
 	if policy == nil {
 		policy = json.RawMessage("null")
 	}
-	m := map[string]any{"policy": policy}
+	var b bytes.Buffer
+	b.WriteString(`{"policy":`)
+	b.Write(policy)
 	if ttl > 0 {
-		m["leaseTtlMs"] = ttl.Milliseconds()
+		fmt.Fprintf(&b, `,"leaseTtlMs":%d`, ttl.Milliseconds())
 	}
-	out, err := json.Marshal(m)
-	if err != nil {
-		panic(err)
-	}
-	return out
+	b.WriteString("}")
+	return b.Bytes()
 }
 
 func (s *Server) handlePolicy(w http.ResponseWriter, r *http.Request) {
