@@ -630,3 +630,37 @@ func TestNetworkShutdownWithHangingControlPlane(t *testing.T) {
 	assert.Less(t, time.Since(start), 5*time.Second, "Shutdown returns by its context's deadline")
 	assert.Less(t, time.Duration(second.Load()), 100*time.Millisecond, "the second call did not wait")
 }
+
+// TestNetworkSecretsNeverAppear runs a client through refused keys, bad
+// tokens and forged answers with debug logging, and looks for any secret
+// in what it logged and in its errors.
+func TestNetworkSecretsNeverAppear(t *testing.T) {
+	cp := newPlane(t)
+	cp.SetPolicy("", controlplane.Policy{Version: 1, GlobalMaxWeight: 5})
+	opts := testOptions(cp)
+	opts.BaseURL = strings.Replace(cp.URL, "http://", "http://user:url-password-1234@", 1)
+	c, logs := startClient(t, opts)
+	waitReady(t, c)
+	var errs []string
+	for _, f := range []controlplane.Faults{
+		{BadToken: controlplane.TokenWrongKey}, {ForgeSig: true}, {Garbage: true}, {PulseStatus: 400}, {Down: true},
+	} {
+		cp.RevokeTokens()
+		cp.SetFaults(f)
+		n := len(cp.Requests())
+		eventually(t, func() bool { return len(cp.Requests()) >= n+4 }, "requests under %+v", f)
+		errs = append(errs, c.Stats().LastError)
+	}
+	cp.SetFaults(controlplane.Faults{})
+	cp.SetFaults(controlplane.Faults{Hang: true})
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	if err := c.Shutdown(ctx); err != nil {
+		errs = append(errs, err.Error())
+	}
+	all := logs.String() + strings.Join(errs, "\n")
+	assert.NotEmpty(t, errs)
+	for _, secret := range []string{testSecretKey, "url-password-1234", "v1=", "Bearer", "eyJ"} {
+		assert.NotContains(t, all, secret)
+	}
+}

@@ -1,0 +1,107 @@
+package waitstate_test
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"net/http"
+	"net/http/httptest"
+	"time"
+
+	"github.com/waitstate/waitstate-go"
+	"github.com/waitstate/waitstate-go/internal/controlplane"
+)
+
+func ExamplePolicy_Gate() {
+	p := &waitstate.Policy{
+		Version:         17,
+		GlobalMaxWeight: 5,
+		TagMaxWeights:   map[string]float64{"free": 0, "enterprise": math.Inf(1)},
+	}
+	for _, c := range []struct {
+		tag    string
+		weight float64
+	}{{"free", 1}, {"pro", 5}, {"pro", 10}, {"enterprise", 100}} {
+		r := p.Gate(c.tag, c.weight)
+		fmt.Printf("%-10s %3v  allowed=%-5v reason=%s limit=%v\n", c.tag, c.weight, r.Allowed, r.Reason, r.Limit)
+	}
+	// Output:
+	// free         1  allowed=false reason=tag_max_weight limit=0
+	// pro          5  allowed=true  reason=allowed limit=5
+	// pro         10  allowed=false reason=global_max_weight limit=5
+	// enterprise 100  allowed=true  reason=allowed limit=+Inf
+}
+
+func ExampleDefaultPolicy() {
+	r := waitstate.DefaultPolicy().Gate("anything", 1e9)
+	fmt.Println(r.Allowed, r.Reason, r.Limit)
+	// Output: true allowed +Inf
+}
+
+func ExampleNew() {
+	// A control plane on loopback stands in for the real one.
+	cp := controlplane.New()
+	defer cp.Close()
+	cp.AddKey("pk_example", "sk_example")
+	cp.SetPolicy("", controlplane.Policy{Version: 1, GlobalMaxWeight: 10, TagMaxWeights: map[string]float64{"free": 0}})
+
+	client, err := waitstate.New(waitstate.Options{
+		PublishKey: "pk_example",
+		SecretKey:  "sk_example",
+		BaseURL:    cp.URL,
+	})
+	if err != nil {
+		panic(err)
+	}
+	defer client.Close()
+
+	// Gate fails open until the first policy arrives; wait for it here so
+	// the output is the same every run.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := client.Ready(ctx); err != nil {
+		panic(err)
+	}
+	fmt.Println("mode:", client.Mode(), "policy version:", client.Policy().Version)
+	fmt.Println("free:", client.Gate("free", 1).Reason)
+	fmt.Println("pro:", client.Gate("pro", 1).Reason)
+	// Output:
+	// mode: enforcing policy version: 1
+	// free: tag_max_weight
+	// pro: allowed
+}
+
+func ExampleClient_HTTPMiddleware() {
+	cp := controlplane.New()
+	defer cp.Close()
+	cp.AddKey("pk_example", "sk_example")
+	cp.SetPolicy("", controlplane.Policy{Version: 1, GlobalMaxWeight: math.Inf(1), TagMaxWeights: map[string]float64{"free": 0}})
+	client, err := waitstate.New(waitstate.Options{PublishKey: "pk_example", SecretKey: "sk_example", BaseURL: cp.URL})
+	if err != nil {
+		panic(err)
+	}
+	defer client.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := client.Ready(ctx); err != nil {
+		panic(err)
+	}
+
+	api := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintln(w, "report generated")
+	})
+	gated := client.HTTPMiddleware(waitstate.MiddlewareOptions{
+		Tag: func(r *http.Request) string { return r.Header.Get("X-Plan") },
+	})(api)
+
+	for _, plan := range []string{"pro", "free"} {
+		req := httptest.NewRequest(http.MethodGet, "/report", nil)
+		req.Header.Set("X-Plan", plan)
+		rec := httptest.NewRecorder()
+		gated.ServeHTTP(rec, req)
+		fmt.Printf("%s: %d %s", plan, rec.Code, rec.Body)
+	}
+	// Output:
+	// pro: 200 report generated
+	// free: 429 {"error":"rate_limited","reason":"tag_max_weight"}
+}
