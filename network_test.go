@@ -664,3 +664,43 @@ func TestNetworkSecretsNeverAppear(t *testing.T) {
 		assert.NotContains(t, all, secret)
 	}
 }
+
+// TestCountDroppedWindows: a pulse refused with a 4xx other than
+// 401/403/408/429 is dropped, not resent; its counts stay in the totals.
+func TestCountDroppedWindows(t *testing.T) {
+	cp := newPlane(t)
+	cp.SetPolicy("", controlplane.Policy{Version: 1, GlobalMaxWeight: 5})
+	c, logs := startClient(t, testOptions(cp))
+	waitReady(t, c)
+	eventually(t, func() bool { return len(cp.Pulses()) >= 1 }, "a pulse")
+	cp.SetFaults(controlplane.Faults{PulseStatus: http.StatusUnprocessableEntity})
+	for i := 0; c.Stats().PulsesDropped < 2; i++ {
+		c.Gate("a", float64(i%10))
+		time.Sleep(time.Millisecond)
+	}
+	cp.SetFaults(controlplane.Faults{})
+	c.Gate("b", 1)
+	n := len(cp.Pulses())
+	eventually(t, func() bool { return len(cp.Pulses()) >= n+2 }, "pulses after the drops")
+	ctx, cancel := context.WithTimeout(context.Background(), waitFor)
+	defer cancel()
+	require.NoError(t, c.Shutdown(ctx))
+
+	s := c.Stats()
+	got := cp.Totals("")
+	assert.GreaterOrEqual(t, s.PulsesDropped, uint64(2))
+	assert.Less(t, got.Usage+got.Bounced, s.Usage+s.Bounced, "dropped windows never reached the control plane")
+	pulses := cp.Pulses()
+	last := pulses[len(pulses)-1]
+	assert.Equal(t, s.Usage, last.UsageTotal, "totals include the dropped windows")
+	assert.Equal(t, s.Bounced, last.BouncedTotal)
+	assert.Greater(t, last.Seq, uint64(len(pulses)), "dropped seqs are not reused")
+	dropped := 0
+	for _, r := range requestsTo(cp, http.MethodPost, wire.PathPulse) {
+		if r.Status == http.StatusUnprocessableEntity {
+			dropped++
+		}
+	}
+	assert.EqualValues(t, s.PulsesDropped, dropped, "each dropped pulse was sent once")
+	assert.Contains(t, logs.String(), "pulse refused and dropped")
+}

@@ -312,10 +312,10 @@ func (c *Client) leaseExpired() {
 		c.leaseTimer.Reset(left) // renewed while the timer was firing
 		return
 	}
+	c.log.Warn("waitstate: lease expired, entering safe mode", "version", c.policy.Version, "max_rps", c.opts.SafeModeMaxRPS)
 	c.mode = ModeSafeMode
 	c.safe.reset(now)
 	c.publish()
-	c.log.Warn("waitstate: lease expired, entering safe mode", "version", c.policy.Version, "max_rps", c.opts.SafeModeMaxRPS)
 }
 
 // setError records err as the last error.
