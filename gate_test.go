@@ -153,7 +153,7 @@ func TestCountExactAcrossCuts(t *testing.T) {
 // fakeClock is a clock a test moves by hand.
 type fakeClock struct{ now atomic.Int64 }
 
-func (f *fakeClock) read() time.Duration      { return time.Duration(f.now.Load()) }
+func (f *fakeClock) read() time.Duration     { return time.Duration(f.now.Load()) }
 func (f *fakeClock) advance(d time.Duration) { f.now.Add(int64(d)) }
 
 func TestSafeModeLimiter(t *testing.T) {
