@@ -12,6 +12,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"math"
 	"net/http"
 	"net/http/httptest"
@@ -108,7 +109,8 @@ type Request struct {
 // Totals are a site's counts over every pulse counted.
 type Totals struct {
 	Usage, Bounced uint64
-	Pulses         int
+	Pulses         int // pulses counted
+	Instances      int // distinct instances that sent them
 	Tags           map[string]TagCount
 }
 
@@ -163,19 +165,20 @@ type Server struct {
 	srv  *httptest.Server
 	quit chan struct{}
 
-	mu        sync.Mutex
-	keys      map[string]string          // publish key → secret key
-	policies  map[string]json.RawMessage // site → policy JSON
-	versions  map[string]int64           // site → version, -1 for raw JSON
-	leaseTTL  time.Duration
-	tokenTTL  time.Duration
-	faults    Faults
-	counted   map[instanceSeq]bool
-	pulses    []Pulse
-	requests  []Request
-	tokens    map[string]bool // issued and not revoked
-	lastReply map[string]reply
-	closeOnce sync.Once
+	mu         sync.Mutex
+	keys       map[string]string     // publish key → secret key
+	sites      map[string]*siteState // "" is the default for sites without their own
+	ruleWindow time.Duration
+	events     []Event
+	leaseTTL   time.Duration
+	tokenTTL   time.Duration
+	faults     Faults
+	counted    map[instanceSeq]bool
+	pulses     []Pulse
+	requests   []Request
+	tokens     map[string]bool // issued and not revoked
+	lastReply  map[string]reply
+	closeOnce  sync.Once
 }
 
 type reply struct {
@@ -183,35 +186,74 @@ type reply struct {
 	sig  string
 }
 
+// siteState is what the control plane holds for one site.
+type siteState struct {
+	base    *Policy               // its own policy; nil: the default site's
+	raw     json.RawMessage       // a policy served as it is, rules or not
+	rules   []Rule                // its own rules; nil: the default site's
+	bumps   int64                 // policy changes made by its rules
+	firing  map[string]*ruleState // by rule name
+	samples []sample              // its pulses within the rule window
+}
+
+// DefaultRuleWindow is how far back the rules look unless SetRuleWindow
+// says otherwise.
+const DefaultRuleWindow = 5 * time.Second
+
 // New starts a control plane on loopback that knows no keys and has no
 // policy. Close it when done.
 func New() *Server {
-	s := &Server{
-		quit:      make(chan struct{}),
-		keys:      map[string]string{},
-		policies:  map[string]json.RawMessage{},
-		versions:  map[string]int64{},
-		tokenTTL:  time.Hour,
-		counted:   map[instanceSeq]bool{},
-		tokens:    map[string]bool{},
-		lastReply: map[string]reply{},
-	}
-	mux := http.NewServeMux()
-	mux.HandleFunc("POST "+wire.PathToken, s.handleToken)
-	mux.HandleFunc("GET "+wire.PathPolicy, s.handlePolicy)
-	mux.HandleFunc("POST "+wire.PathPulse, s.handlePulse)
-	s.srv = httptest.NewServer(s.recorder(mux))
+	s := NewUnstarted()
+	s.srv = httptest.NewServer(s.Handler())
 	s.URL = s.srv.URL
 	return s
 }
 
-// Close stops the server, releasing hung requests first.
+// NewUnstarted returns a control plane that serves nothing until its
+// Handler is mounted on a server of the caller's; Close still releases
+// hung requests.
+func NewUnstarted() *Server {
+	return &Server{
+		quit:       make(chan struct{}),
+		keys:       map[string]string{},
+		sites:      map[string]*siteState{},
+		ruleWindow: DefaultRuleWindow,
+		tokenTTL:   time.Hour,
+		counted:    map[instanceSeq]bool{},
+		tokens:     map[string]bool{},
+		lastReply:  map[string]reply{},
+	}
+}
+
+// Handler serves the protocol: POST /v1/token, GET /v1/policy and
+// POST /v1/pulse.
+func (s *Server) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST "+wire.PathToken, s.handleToken)
+	mux.HandleFunc("GET "+wire.PathPolicy, s.handlePolicy)
+	mux.HandleFunc("POST "+wire.PathPulse, s.handlePulse)
+	return s.recorder(mux)
+}
+
+// Close releases hung requests and, when New started the server, stops it.
 func (s *Server) Close() {
 	s.closeOnce.Do(func() {
 		close(s.quit)
-		s.srv.CloseClientConnections()
-		s.srv.Close()
+		if s.srv != nil {
+			s.srv.CloseClientConnections()
+			s.srv.Close()
+		}
 	})
+}
+
+// site returns a site's state, creating it. Call with s.mu held.
+func (s *Server) site(name string) *siteState {
+	st := s.sites[name]
+	if st == nil {
+		st = &siteState{firing: map[string]*ruleState{}}
+		s.sites[name] = st
+	}
+	return st
 }
 
 // AddKey makes a key pair known.
@@ -221,26 +263,111 @@ func (s *Server) AddKey(publishKey, secretKey string) {
 	s.keys[publishKey] = secretKey
 }
 
-// SetPolicy sets the policy served to site ("" is the default for sites
-// without one of their own).
+// SetPolicy sets the base policy of site ("" is the default for sites
+// without one of their own). The policy served is the base with the limits
+// of the site's firing rules applied; its version is the base's plus the
+// number of changes the rules have made.
 func (s *Server) SetPolicy(site string, p Policy) {
-	raw, err := json.Marshal(p)
-	if err != nil {
-		panic(err)
-	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.policies[site] = raw
-	s.versions[site] = p.Version
+	st := s.site(site)
+	p.TagMaxWeights = maps.Clone(p.TagMaxWeights)
+	st.base, st.raw = &p, nil
 }
 
-// SetPolicyJSON sets a policy as raw JSON, served as it is: for policies the
-// SDK must refuse.
+// SetPolicyJSON sets a policy as raw JSON, served as it is and always (its
+// version is not read): for policies the SDK must refuse.
 func (s *Server) SetPolicyJSON(site, raw string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.policies[site] = json.RawMessage(raw)
-	s.versions[site] = -1
+	s.site(site).raw = json.RawMessage(raw)
+}
+
+// SetRules sets the reflex rules of site ("" is the default for sites
+// without rules of their own). Rules that keep their name keep their state.
+func (s *Server) SetRules(site string, rules ...Rule) error {
+	seen := map[string]bool{}
+	for _, r := range rules {
+		if err := r.Validate(); err != nil {
+			return err
+		}
+		if seen[r.Name] {
+			return fmt.Errorf("two rules named %q", r.Name)
+		}
+		seen[r.Name] = true
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.site(site).rules = slices.Clone(rules)
+	return nil
+}
+
+// SetRuleWindow sets how far back the rules look: the metrics are computed
+// over the pulses received within it. A few pulse intervals is right.
+func (s *Server) SetRuleWindow(d time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.ruleWindow = d
+}
+
+// Events returns the rules' firings and clearings so far, in order.
+func (s *Server) Events() []Event {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.events)
+}
+
+// Metrics returns site's figures over the rule window.
+func (s *Server) Metrics(site string) Metrics {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.site(site)
+	st.prune(time.Now(), s.ruleWindow)
+	return metrics(st.samples, s.ruleWindow)
+}
+
+// prune drops the samples older than window.
+func (st *siteState) prune(now time.Time, window time.Duration) {
+	i := 0
+	for i < len(st.samples) && now.Sub(st.samples[i].at) > window {
+		i++
+	}
+	st.samples = st.samples[i:]
+}
+
+// evaluate records a pulse of site and steps its rules. Call with s.mu held.
+func (s *Server) evaluate(site string, p *Pulse, now time.Time) {
+	st := s.site(site)
+	st.samples = append(st.samples, sample{at: now, instance: p.InstanceID, calls: p.UsageDelta + p.BouncedDelta, health: p.Health})
+	st.prune(now, s.ruleWindow)
+	rules := s.rulesOf(st)
+	if len(rules) == 0 {
+		return
+	}
+	m := metrics(st.samples, s.ruleWindow)
+	for _, r := range rules {
+		rs := st.firing[r.Name]
+		if rs == nil {
+			rs = &ruleState{}
+			st.firing[r.Name] = rs
+		}
+		if changed, v := rs.step(r, m, now); changed {
+			st.bumps++
+			_, version, _ := s.policyLocked(site)
+			s.events = append(s.events, Event{At: now, Site: site, Rule: r.Name, Fired: rs.firing, Value: v, Version: version})
+		}
+	}
+}
+
+// rulesOf returns a site's rules: its own, else the default site's.
+func (s *Server) rulesOf(st *siteState) []Rule {
+	if st.rules != nil {
+		return st.rules
+	}
+	if def := s.sites[""]; def != nil {
+		return def.rules
+	}
+	return nil
 }
 
 // SetLeaseTTL sets the leaseTtlMs of every answer; 0 leaves it out.
@@ -291,11 +418,13 @@ func (s *Server) Totals(site string) Totals {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	t := Totals{Tags: map[string]TagCount{}}
+	instances := map[string]bool{}
 	for _, p := range s.pulses {
 		if p.Site != site {
 			continue
 		}
 		t.Pulses++
+		instances[p.InstanceID] = true
 		t.Usage += p.UsageDelta
 		t.Bounced += p.BouncedDelta
 		for tag, c := range p.Tags {
@@ -303,6 +432,7 @@ func (s *Server) Totals(site string) Totals {
 			t.Tags[tag] = TagCount{Usage: prev.Usage + c.Usage, Bounced: prev.Bounced + c.Bounced}
 		}
 	}
+	t.Instances = len(instances)
 	return t
 }
 
@@ -527,16 +657,71 @@ func (s *Server) validToken(secret, key, site, bearer string) bool {
 	return got == site
 }
 
-// policyFor returns site's policy JSON (or the default site's) and its
-// version; ok is false when there is none.
+// policyFor returns the policy JSON served to site and its version (-1 for
+// a raw policy); ok is false when there is none.
 func (s *Server) policyFor(site string) (json.RawMessage, int64, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if raw, ok := s.policies[site]; ok {
-		return raw, s.versions[site], true
+	return s.policyLocked(site)
+}
+
+// Policy returns the policy served to site now, rules applied; ok is false
+// when there is none or it was set as raw JSON.
+func (s *Server) Policy(site string) (Policy, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	p, ok := s.effective(site)
+	return p, ok
+}
+
+func (s *Server) policyLocked(site string) (json.RawMessage, int64, bool) {
+	if raw := s.rawFor(site); raw != nil {
+		return raw, -1, true
 	}
-	raw, ok := s.policies[""]
-	return raw, s.versions[""], ok
+	p, ok := s.effective(site)
+	if !ok {
+		return nil, 0, false
+	}
+	raw, err := json.Marshal(p)
+	if err != nil {
+		panic(err)
+	}
+	return raw, p.Version, true
+}
+
+// rawFor returns the raw policy that applies to site, if any.
+func (s *Server) rawFor(site string) json.RawMessage {
+	st, def := s.sites[site], s.sites[""]
+	switch {
+	case st != nil && st.raw != nil:
+		return st.raw
+	case st != nil && st.base != nil:
+		return nil
+	case def != nil:
+		return def.raw
+	}
+	return nil
+}
+
+// effective is the site's base policy with its firing rules applied.
+func (s *Server) effective(site string) (Policy, bool) {
+	st, def := s.sites[site], s.sites[""]
+	var base *Policy
+	switch {
+	case st != nil && st.base != nil:
+		base = st.base
+	case def != nil:
+		base = def.base
+	}
+	if base == nil {
+		return Policy{}, false
+	}
+	if st == nil {
+		return overlay(*base, nil, nil), true
+	}
+	p := overlay(*base, s.rulesOf(st), st.firing)
+	p.Version = base.Version + st.bumps
+	return p, true
 }
 
 // leaseBody encodes an answer carrying policy (nil: null). The policy is
@@ -611,6 +796,7 @@ func (s *Server) handlePulse(w http.ResponseWriter, r *http.Request) {
 	if !s.counted[key] {
 		s.counted[key] = true
 		s.pulses = append(s.pulses, p)
+		s.evaluate(p.Site, &p, time.Now())
 	}
 	s.mu.Unlock()
 	if f.CountThenHang {
