@@ -9,7 +9,7 @@ import (
 	"time"
 
 	"github.com/waitstate/waitstate-go"
-	"github.com/waitstate/waitstate-go/internal/controlplane"
+	"github.com/waitstate/waitstate-go/waitstatetest"
 )
 
 func ExamplePolicy_Gate() {
@@ -40,15 +40,15 @@ func ExampleDefaultPolicy() {
 
 func ExampleNew() {
 	// A control plane on loopback stands in for the real one.
-	cp := controlplane.New()
-	defer cp.Close()
-	cp.AddKey("pk_example", "sk_example")
-	cp.SetPolicy("", controlplane.Policy{Version: 1, GlobalMaxWeight: 10, TagMaxWeights: map[string]float64{"free": 0}})
+	srv := waitstatetest.NewServer()
+	defer srv.Close()
+	srv.SetPolicy("", &waitstate.Policy{Version: 1, GlobalMaxWeight: 10, TagMaxWeights: map[string]float64{"free": 0}})
 
+	opts := srv.Options() // in production: waitstate.OptionsFromEnv()
 	client, err := waitstate.New(waitstate.Options{
-		PublishKey: "pk_example",
-		SecretKey:  "sk_example",
-		BaseURL:    cp.URL,
+		PublishKey: opts.PublishKey,
+		SecretKey:  opts.SecretKey,
+		BaseURL:    opts.BaseURL,
 	})
 	if err != nil {
 		panic(err)
@@ -72,11 +72,10 @@ func ExampleNew() {
 }
 
 func ExampleClient_HTTPMiddleware() {
-	cp := controlplane.New()
-	defer cp.Close()
-	cp.AddKey("pk_example", "sk_example")
-	cp.SetPolicy("", controlplane.Policy{Version: 1, GlobalMaxWeight: math.Inf(1), TagMaxWeights: map[string]float64{"free": 0}})
-	client, err := waitstate.New(waitstate.Options{PublishKey: "pk_example", SecretKey: "sk_example", BaseURL: cp.URL})
+	srv := waitstatetest.NewServer()
+	defer srv.Close()
+	srv.SetPolicy("", &waitstate.Policy{Version: 1, GlobalMaxWeight: math.Inf(1), TagMaxWeights: map[string]float64{"free": 0}})
+	client, err := waitstate.New(srv.Options())
 	if err != nil {
 		panic(err)
 	}

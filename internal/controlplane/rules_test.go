@@ -1,0 +1,118 @@
+package controlplane
+
+import (
+	"math"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func TestRuleHysteresis(t *testing.T) {
+	r := Rule{Name: "p95", Metric: MetricLatencyP95, Operator: "gt", Threshold: 200, MaxWeight: 0, CooldownSeconds: 5}
+	at := func(p95 float64) Metrics { return Metrics{LatencyP95Ms: p95} }
+	t0 := time.Unix(1000, 0)
+	var st ruleState
+
+	changed, _ := st.step(r, at(150), t0)
+	assert.False(t, changed || st.firing)
+	changed, v := st.step(r, at(250), t0.Add(time.Second))
+	assert.True(t, changed && st.firing)
+	assert.Equal(t, 250.0, v)
+
+	// Good for 4 s, bad again, then good: the cooldown starts over.
+	st.step(r, at(100), t0.Add(2*time.Second))
+	changed, _ = st.step(r, at(100), t0.Add(6*time.Second))
+	assert.False(t, changed, "4 s of good is less than the cooldown")
+	st.step(r, at(201), t0.Add(7*time.Second))
+	st.step(r, at(199), t0.Add(8*time.Second))
+	changed, _ = st.step(r, at(199), t0.Add(12*time.Second))
+	assert.False(t, changed)
+	assert.True(t, st.firing)
+	changed, _ = st.step(r, at(199), t0.Add(13*time.Second))
+	assert.True(t, changed, "5 s of good clears it")
+	assert.False(t, st.firing)
+
+	// Without data a latency rule is on the good side.
+	st = ruleState{}
+	st.step(r, at(900), t0)
+	st.step(r, at(math.NaN()), t0.Add(time.Second))
+	changed, _ = st.step(r, at(math.NaN()), t0.Add(6*time.Second))
+	assert.True(t, changed)
+
+	lt := Rule{Name: "quiet", Metric: MetricRPS, Operator: "lt", Threshold: 10, MaxWeight: 1}
+	st = ruleState{}
+	changed, _ = st.step(lt, Metrics{RPS: 5}, t0)
+	assert.True(t, changed && st.firing)
+	changed, _ = st.step(lt, Metrics{RPS: 10}, t0)
+	assert.True(t, changed, "no cooldown: clears at once")
+}
+
+func TestOverlayStrictestWins(t *testing.T) {
+	base := Policy{Version: 3, GlobalMaxWeight: 10, TagMaxWeights: map[string]float64{"enterprise": math.Inf(1), "pro": 8}}
+	rules := []Rule{
+		{Name: "a", TagName: "pro", MaxWeight: 5},
+		{Name: "b", TagName: "pro", MaxWeight: 2},
+		{Name: "c", TagName: "free", MaxWeight: 7},
+		{Name: "d", TagName: "", MaxWeight: 4},
+		{Name: "e", TagName: "batch", MaxWeight: 9},
+		{Name: "off", TagName: "enterprise", MaxWeight: 0},
+	}
+	firing := map[string]*ruleState{"a": {firing: true}, "b": {firing: true}, "c": {firing: true}, "d": {firing: true}, "e": {firing: true}, "off": {}}
+	p := overlay(base, rules, firing)
+	assert.Equal(t, 4.0, p.GlobalMaxWeight)
+	assert.Equal(t, 2.0, p.TagMaxWeights["pro"], "strictest of two rules")
+	assert.Equal(t, 4.0, p.TagMaxWeights["free"], "a tag rule never lifts a tag above the lowered global limit")
+	assert.Equal(t, 4.0, p.TagMaxWeights["batch"])
+	assert.True(t, math.IsInf(p.TagMaxWeights["enterprise"], 1), "a rule that is not firing changes nothing")
+	assert.Equal(t, 8.0, base.TagMaxWeights["pro"], "the base is not modified")
+}
+
+func TestFleetQuantile(t *testing.T) {
+	one := &Health{Requests: 100, LatencyMs: Latency{P50: 10, P95: 80, P99: 120, Max: 300}}
+	assert.InDelta(t, 80, fleetQuantile([]*Health{one}, 0.95), 0.01, "one instance: its own p95")
+	assert.InDelta(t, 120, fleetQuantile([]*Health{one}, 0.99), 0.01)
+
+	// Nine fast instances and one slow one, same traffic: the fleet p95 lies
+	// between them, well below the maximum and well above the average of p95s
+	// would suggest for the tail.
+	fast := &Health{Requests: 100, LatencyMs: Latency{P50: 10, P95: 20, P99: 25, Max: 30}}
+	slow := &Health{Requests: 100, LatencyMs: Latency{P50: 900, P95: 1000, P99: 1100, Max: 1200}}
+	hs := []*Health{slow}
+	for range 9 {
+		hs = append(hs, fast)
+	}
+	p95 := fleetQuantile(hs, 0.95)
+	assert.Greater(t, p95, 500.0, "5 %% of the fleet's requests are slower than 900 ms")
+	assert.Less(t, p95, 1000.0)
+	p50 := fleetQuantile(hs, 0.5)
+	assert.InDelta(t, 10, p50, 2)
+
+	// Weighted by requests: a slow instance with few requests barely moves it.
+	slowFew := &Health{Requests: 1, LatencyMs: slow.LatencyMs}
+	assert.Less(t, fleetQuantile([]*Health{fast, fast, slowFew}, 0.95), 30.0)
+}
+
+func TestParseRules(t *testing.T) {
+	got, err := ParseRules([]byte(`[{"name":"p95","tagName":"free","metric":"latency_p95_ms","operator":"gt","threshold":200,"maxWeight":0,"cooldownSeconds":10}]`))
+	require.NoError(t, err)
+	assert.Equal(t, map[string][]Rule{"": {{Name: "p95", TagName: "free", Metric: MetricLatencyP95, Operator: "gt", Threshold: 200, CooldownSeconds: 10}}}, got)
+
+	got, err = ParseRules([]byte(`{"eu-1":[{"name":"err","metric":"error_rate","operator":"gt","threshold":0.1,"maxWeight":1}]}`))
+	require.NoError(t, err)
+	assert.Len(t, got["eu-1"], 1)
+
+	for _, bad := range []string{
+		`[{"name":"x","metric":"cpu","operator":"gt"}]`,
+		`[{"name":"x","metric":"rps","operator":"ge"}]`,
+		`[{"metric":"rps","operator":"gt"}]`,
+		`[{"name":"x","metric":"rps","operator":"gt","maxWeight":-1}]`,
+		`[{"name":"x","metric":"rps","operator":"gt","cooldownSeconds":-1}]`,
+		`[{"name":"x","metric":"rps","operator":"gt"},{"name":"x","metric":"rps","operator":"lt"}]`,
+		`"rules"`,
+	} {
+		_, err := ParseRules([]byte(bad))
+		assert.Error(t, err, bad)
+	}
+}

@@ -1,0 +1,57 @@
+package waitstatetest_test
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/waitstate/waitstate-go"
+	"github.com/waitstate/waitstate-go/waitstatetest"
+)
+
+// A test as a user writes it: a control plane, a policy, a client, and
+// assertions on Gate.
+func TestUserStyle(t *testing.T) {
+	srv := waitstatetest.NewTestServer(t)
+	srv.SetPolicy("", &waitstate.Policy{Version: 1, GlobalMaxWeight: 10, TagMaxWeights: map[string]float64{"free": 0}})
+	client, err := waitstate.New(srv.Options())
+	require.NoError(t, err)
+	defer client.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	require.NoError(t, client.Ready(ctx))
+	require.False(t, client.Gate("free", 1).Allowed)
+	require.True(t, client.Gate("pro", 10).Allowed)
+}
+
+func Example() {
+	srv := waitstatetest.NewServer()
+	defer srv.Close()
+	srv.SetPolicy("", &waitstate.Policy{Version: 1, GlobalMaxWeight: 10, TagMaxWeights: map[string]float64{"free": 0}})
+
+	client, err := waitstate.New(srv.Options())
+	if err != nil {
+		panic(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := client.Ready(ctx); err != nil {
+		panic(err)
+	}
+	fmt.Println("free:", client.Gate("free", 1).Reason)
+	fmt.Println("pro:", client.Gate("pro", 5).Reason)
+
+	// Close flushes the last window: the control plane has every count.
+	if err := client.Close(); err != nil {
+		panic(err)
+	}
+	t := srv.Totals("")
+	fmt.Printf("control plane counted: usage %d, bounced %d, per tag %v\n", t.Usage, t.Bounced, t.Tags)
+	// Output:
+	// free: tag_max_weight
+	// pro: allowed
+	// control plane counted: usage 1, bounced 1, per tag map[free:{0 1} pro:{1 0}]
+}

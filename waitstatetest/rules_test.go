@@ -1,0 +1,223 @@
+package waitstatetest_test
+
+import (
+	"context"
+	"math"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"go.uber.org/goleak"
+
+	"github.com/waitstate/waitstate-go"
+	"github.com/waitstate/waitstate-go/waitstatetest"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+const waitFor = 15 * time.Second
+
+func eventually(t *testing.T, cond func() bool, msg string) {
+	t.Helper()
+	require.Eventually(t, cond, waitFor, 2*time.Millisecond, msg)
+}
+
+// start returns a ready client of srv for site, closed at the end.
+func start(t *testing.T, srv *waitstatetest.Server, site string) *waitstate.Client {
+	t.Helper()
+	opts := srv.Options()
+	opts.SiteID = site
+	c, err := waitstate.New(opts)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = c.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), waitFor)
+	defer cancel()
+	require.NoError(t, c.Ready(ctx))
+	return c
+}
+
+// observeUntil feeds c a health sample of latency every millisecond until
+// stop is closed.
+func observeUntil(c *waitstate.Client, latency time.Duration, stop <-chan struct{}) *sync.WaitGroup {
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			c.Observe(latency, false)
+			time.Sleep(time.Millisecond)
+		}
+	})
+	return &wg
+}
+
+var shedFree = waitstatetest.Rule{
+	Name: "shed-free-on-latency", TagName: "free", Metric: waitstatetest.MetricLatencyP95,
+	Operator: "gt", Threshold: 200, MaxWeight: 0, CooldownSeconds: 1,
+}
+
+// TestRuleShedsWithinTwoPulsesAndClearsAfterCooldown: a rule fires on the
+// pulse that reports the bad latency, the client sheds by its second pulse
+// after the load began, and the rule clears only once the latency has been
+// good for the cooldown.
+func TestRuleShedsWithinTwoPulsesAndClearsAfterCooldown(t *testing.T) {
+	srv := waitstatetest.NewTestServer(t)
+	srv.SetPolicy("", &waitstate.Policy{Version: 1, GlobalMaxWeight: 10})
+	require.NoError(t, srv.SetRules("", shedFree))
+	c := start(t, srv, "")
+	require.True(t, c.Gate("free", 1).Allowed)
+
+	pulsesOf := func() int {
+		n := 0
+		for _, p := range srv.Pulses() {
+			if p.Health != nil && p.Health.LatencyMs.P95 > 200 {
+				n++
+			}
+		}
+		return n
+	}
+	stop := make(chan struct{})
+	wg := observeUntil(c, 300*time.Millisecond, stop)
+	eventually(t, func() bool { return !c.Gate("free", 1).Allowed }, "free is shed")
+	assert.LessOrEqual(t, pulsesOf(), 2, "shed by the second pulse after the load began")
+	assert.Equal(t, waitstate.GateResult{Allowed: false, Reason: waitstate.ReasonTagMaxWeight, Limit: 0}, c.Gate("free", 1))
+	assert.True(t, c.Gate("pro", 5).Allowed, "other tags pass")
+	ev := srv.Events()
+	require.Len(t, ev, 1)
+	assert.True(t, ev[0].Fired)
+	assert.Greater(t, ev[0].Value, 200.0)
+	assert.Equal(t, ev[0].Version, c.Policy().Version)
+	close(stop)
+	wg.Wait()
+
+	// Good latency from now on; the bad pulses leave the rule window, then
+	// the cooldown runs.
+	good := time.Now()
+	stop = make(chan struct{})
+	wg = observeUntil(c, 20*time.Millisecond, stop)
+	defer func() { close(stop); wg.Wait() }()
+	eventually(t, func() bool { return c.Gate("free", 1).Allowed }, "free is restored")
+	assert.GreaterOrEqual(t, time.Since(good), time.Second, "not before the cooldown")
+	ev = srv.Events()
+	require.Len(t, ev, 2, "fired once, cleared once: no flapping")
+	assert.False(t, ev[1].Fired)
+	assert.GreaterOrEqual(t, ev[1].At.Sub(ev[0].At), time.Second)
+	assert.Greater(t, ev[1].Version, ev[0].Version)
+}
+
+func TestRuleStrictestWins(t *testing.T) {
+	srv := waitstatetest.NewTestServer(t)
+	srv.SetPolicy("", &waitstate.Policy{Version: 1, GlobalMaxWeight: 10})
+	loose := shedFree
+	loose.Name, loose.MaxWeight = "loose", 5
+	strict := shedFree
+	strict.Name, strict.MaxWeight, strict.Threshold = "strict", 2, 100
+	require.NoError(t, srv.SetRules("", loose, strict))
+	c := start(t, srv, "")
+
+	stop := make(chan struct{})
+	wg := observeUntil(c, 300*time.Millisecond, stop)
+	defer func() { close(stop); wg.Wait() }()
+	eventually(t, func() bool { return len(srv.Events()) == 2 }, "both rules fire")
+	eventually(t, func() bool { return c.Policy().TagMaxWeights["free"] == 2 }, "the strictest limit applies")
+	assert.Equal(t, 10.0, c.Policy().GlobalMaxWeight)
+	assert.True(t, c.Gate("free", 2).Allowed)
+	assert.False(t, c.Gate("free", 3).Allowed)
+}
+
+func TestSitesAreIsolated(t *testing.T) {
+	srv := waitstatetest.NewTestServer(t)
+	srv.SetPolicy("", &waitstate.Policy{Version: 1, GlobalMaxWeight: 10})
+	require.NoError(t, srv.SetRules("", shedFree))
+	slow := start(t, srv, "eu-1")
+	calm := start(t, srv, "us-1")
+
+	stop := make(chan struct{})
+	wg := observeUntil(slow, 300*time.Millisecond, stop)
+	wg2 := observeUntil(calm, 10*time.Millisecond, stop)
+	defer func() { close(stop); wg.Wait(); wg2.Wait() }()
+	eventually(t, func() bool { return !slow.Gate("free", 1).Allowed }, "eu-1 sheds free")
+	for range 5 {
+		slow.Gate("pro", 1)
+		calm.Gate("pro", 1)
+	}
+	calm.Gate("free", 1)
+	n := len(srv.Pulses())
+	eventually(t, func() bool { return len(srv.Pulses()) >= n+6 }, "more pulses from both sites")
+	assert.True(t, calm.Gate("free", 1).Allowed, "us-1 is not affected")
+	assert.EqualValues(t, 1, calm.Policy().Version)
+	for _, e := range srv.Events() {
+		assert.Equal(t, "eu-1", e.Site)
+	}
+	assert.Less(t, srv.Metrics("us-1").LatencyP95Ms, 50.0)
+	assert.Greater(t, srv.Metrics("eu-1").LatencyP95Ms, 200.0)
+	require.NoError(t, slow.Close())
+	require.NoError(t, calm.Close())
+	for site, c := range map[string]*waitstate.Client{"eu-1": slow, "us-1": calm} {
+		got, s := srv.Totals(site), c.Stats()
+		assert.Equal(t, s.Usage, got.Usage, "%s counts only its own", site)
+		assert.Equal(t, s.Bounced, got.Bounced, site)
+		assert.Equal(t, 1, got.Instances, site)
+	}
+}
+
+func TestFleetAggregatesInstances(t *testing.T) {
+	srv := waitstatetest.NewTestServer(t)
+	srv.SetPolicy("", &waitstate.Policy{Version: 1, GlobalMaxWeight: 5})
+	var wg sync.WaitGroup
+	want := map[string]waitstatetest.TagCount{}
+	var mu sync.Mutex
+	for i := range 3 {
+		c := start(t, srv, "eu-1")
+		wg.Go(func() {
+			local := map[string]waitstatetest.TagCount{}
+			for j := range 2000 + 500*i {
+				tag := []string{"free", "pro", "enterprise"}[j%3]
+				tc := local[tag]
+				if c.Gate(tag, float64(j%8)).Allowed {
+					tc.Usage++
+				} else {
+					tc.Bounced++
+				}
+				local[tag] = tc
+				if j%100 == 0 {
+					time.Sleep(5 * time.Millisecond) // spread over several pulses
+				}
+			}
+			require.NoError(t, c.Close())
+			mu.Lock()
+			defer mu.Unlock()
+			for tag, tc := range local {
+				w := want[tag]
+				want[tag] = waitstatetest.TagCount{Usage: w.Usage + tc.Usage, Bounced: w.Bounced + tc.Bounced}
+			}
+		})
+	}
+	wg.Wait()
+	got := srv.Totals("eu-1")
+	assert.Equal(t, 3, got.Instances)
+	assert.Equal(t, want, got.Tags, "fleet counts are the sum of the three, to the unit")
+	var usage, bounced uint64
+	for _, tc := range want {
+		usage += tc.Usage
+		bounced += tc.Bounced
+	}
+	assert.Equal(t, usage, got.Usage)
+	assert.Equal(t, bounced, got.Bounced)
+	assert.EqualValues(t, 3*2000+500+1000, usage+bounced)
+}
+
+func TestFaultsAndRecovery(t *testing.T) {
+	srv := waitstatetest.NewTestServer(t)
+	srv.SetPolicy("", &waitstate.Policy{Version: 1, GlobalMaxWeight: math.Inf(1)})
+	c := start(t, srv, "")
+	srv.SetFaults(waitstatetest.Faults{Down: true})
+	eventually(t, func() bool { return c.Mode() == waitstate.ModeSafeMode }, "an outage expires the lease")
+	srv.Heal()
+	eventually(t, func() bool { return c.Mode() == waitstate.ModeEnforcing }, "recovery renews it")
+}

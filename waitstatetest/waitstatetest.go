@@ -1,0 +1,182 @@
+// Package waitstatetest runs a WaitState control plane on loopback, in the
+// spirit of net/http/httptest: start one in a test (or an example, or a
+// demo) in a line, point a waitstate.Client at it with Options, set
+// policies and reflex rules, read the pulses it received, and script faults
+// and recovery.
+//
+// The control plane is the project's reference implementation: it speaks
+// the whole protocol, verifies every signature and token, counts each
+// (instance, seq) once, aggregates pulses per site and runs reflex rules on
+// them. Nothing in it is mocked; it is a real HTTP server.
+//
+//	srv := waitstatetest.NewTestServer(t)
+//	srv.SetPolicy("", &waitstate.Policy{Version: 1, GlobalMaxWeight: 10})
+//	client, err := waitstate.New(srv.Options())
+package waitstatetest
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"testing"
+	"time"
+
+	"github.com/waitstate/waitstate-go"
+	"github.com/waitstate/waitstate-go/internal/controlplane"
+)
+
+// Intervals of the Options a Server hands out: short, so tests are quick.
+const (
+	PulseInterval = 100 * time.Millisecond
+	SyncInterval  = 200 * time.Millisecond
+	// RuleWindow is how far back the rules look: five pulse intervals.
+	RuleWindow = 5 * PulseInterval
+)
+
+// The control plane's types, for reading what it received and scripting
+// what it does.
+type (
+	// Rule is a reflex rule. See SetRules.
+	Rule = controlplane.Rule
+	// Metric names what a rule watches.
+	Metric = controlplane.Metric
+	// Faults script how the control plane misbehaves; the zero value is a
+	// healthy control plane.
+	Faults = controlplane.Faults
+	// TokenFault makes the control plane issue bad tokens.
+	TokenFault = controlplane.TokenFault
+	// Pulse is a pulse as received.
+	Pulse = controlplane.Pulse
+	// TagCount is one tag's counts.
+	TagCount = controlplane.TagCount
+	// Totals are a site's counts over every pulse counted.
+	Totals = controlplane.Totals
+	// Metrics are a site's figures over the rule window.
+	Metrics = controlplane.Metrics
+	// Event is a rule firing or clearing.
+	Event = controlplane.Event
+	// Request is what the control plane saw of one request.
+	Request = controlplane.Request
+)
+
+// The metrics a Rule can watch.
+const (
+	MetricLatencyP95 = controlplane.MetricLatencyP95
+	MetricLatencyP99 = controlplane.MetricLatencyP99
+	MetricErrorRate  = controlplane.MetricErrorRate
+	MetricRPS        = controlplane.MetricRPS
+)
+
+// Server is a control plane on loopback. Its methods are safe for
+// concurrent use.
+type Server struct {
+	// URL is the control plane's base URL, for Options.BaseURL.
+	URL string
+
+	cp         *controlplane.Server
+	publishKey string
+	secretKey  string
+}
+
+// NewServer starts a control plane on loopback with a fresh key pair and
+// no policy: clients fail open until SetPolicy. Close it when done.
+func NewServer() *Server {
+	s := &Server{cp: controlplane.New(), publishKey: "pk_test_" + randomHex(), secretKey: "sk_test_" + randomHex()}
+	s.URL = s.cp.URL
+	s.cp.AddKey(s.publishKey, s.secretKey)
+	s.cp.SetRuleWindow(RuleWindow)
+	return s
+}
+
+// NewTestServer is NewServer, closed when tb's test ends.
+func NewTestServer(tb testing.TB) *Server {
+	tb.Helper()
+	s := NewServer()
+	tb.Cleanup(s.Close)
+	return s
+}
+
+// Close stops the server. Hung requests are released first.
+func (s *Server) Close() { s.cp.Close() }
+
+// Options returns Options for waitstate.New that point at s with its key
+// pair and short intervals (PulseInterval, SyncInterval). The lease is
+// three times the sync interval unless SetLeaseTTL says otherwise.
+func (s *Server) Options() waitstate.Options {
+	return waitstate.Options{
+		PublishKey:    s.publishKey,
+		SecretKey:     s.secretKey,
+		BaseURL:       s.URL,
+		PulseInterval: PulseInterval,
+		SyncInterval:  SyncInterval,
+	}
+}
+
+// AddKey makes another key pair known, for clients of other keys.
+func (s *Server) AddKey(publishKey, secretKey string) { s.cp.AddKey(publishKey, secretKey) }
+
+// SetPolicy sets the base policy of site; "" is the default for sites
+// without one of their own. Clients receive it, with the limits of the
+// site's firing rules applied, at their next pulse or sync.
+func (s *Server) SetPolicy(site string, p *waitstate.Policy) {
+	s.cp.SetPolicy(site, controlplane.Policy{Version: p.Version, GlobalMaxWeight: p.GlobalMaxWeight, TagMaxWeights: p.TagMaxWeights})
+}
+
+// SetPolicyJSON sets a policy as raw JSON, served as it is, for testing how
+// a client treats a policy it must refuse.
+func (s *Server) SetPolicyJSON(site, raw string) { s.cp.SetPolicyJSON(site, raw) }
+
+// Policy returns the policy served to site now, rules applied; false when
+// there is none.
+func (s *Server) Policy(site string) (*waitstate.Policy, bool) {
+	p, ok := s.cp.Policy(site)
+	if !ok {
+		return nil, false
+	}
+	return &waitstate.Policy{Version: p.Version, GlobalMaxWeight: p.GlobalMaxWeight, TagMaxWeights: p.TagMaxWeights}, true
+}
+
+// SetRules sets the reflex rules of site ("" is the default for sites
+// without rules of their own). They are evaluated on every pulse over the
+// site's pulses of the last RuleWindow; when one fires, the limit of its tag
+// (or the global one) becomes at most its MaxWeight and the policy version
+// goes up. It clears after its metric has stayed good for its cooldown.
+func (s *Server) SetRules(site string, rules ...Rule) error { return s.cp.SetRules(site, rules...) }
+
+// SetRuleWindow changes how far back the rules look.
+func (s *Server) SetRuleWindow(d time.Duration) { s.cp.SetRuleWindow(d) }
+
+// SetLeaseTTL sets the lease of every answer; 0 lets clients use their
+// default of three times their longer interval.
+func (s *Server) SetLeaseTTL(d time.Duration) { s.cp.SetLeaseTTL(d) }
+
+// SetFaults makes the control plane misbehave as f says, until the next
+// SetFaults or Heal.
+func (s *Server) SetFaults(f Faults) { s.cp.SetFaults(f) }
+
+// Heal ends every fault.
+func (s *Server) Heal() { s.cp.SetFaults(Faults{}) }
+
+// RevokeTokens makes every token issued so far invalid.
+func (s *Server) RevokeTokens() { s.cp.RevokeTokens() }
+
+// Pulses returns the pulses counted so far, in order of arrival, each
+// (instance, seq) once.
+func (s *Server) Pulses() []Pulse { return s.cp.Pulses() }
+
+// Totals adds up what site's instances reported.
+func (s *Server) Totals(site string) Totals { return s.cp.Totals(site) }
+
+// Metrics returns site's figures over the rule window.
+func (s *Server) Metrics(site string) Metrics { return s.cp.Metrics(site) }
+
+// Events returns the rules' firings and clearings so far.
+func (s *Server) Events() []Event { return s.cp.Events() }
+
+// Requests returns every request received so far.
+func (s *Server) Requests() []Request { return s.cp.Requests() }
+
+func randomHex() string {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
