@@ -372,8 +372,8 @@ func (s *simulation) summary() {
 	st := s.client.Stats()
 	fmt.Println()
 	fmt.Printf("In %.0f s the client gated %d requests (%d allowed, %d denied) from memory, "+
-		"never waiting on the network; it sent %d pulses (%d attempts failed during the outage and were resent "+
-		"unchanged until acknowledged) and ended on policy v%d in mode %s. ",
+		"never waiting on the network; it sent %d pulses (%d attempts failed and were resent unchanged until "+
+		"acknowledged) and ended on policy v%d in mode %s. ",
 		time.Since(s.start).Seconds(), st.Usage+st.Bounced, st.Usage, st.Bounced,
 		st.PulsesSent, st.PulsesFailed, st.PolicyVersion, st.Mode)
 	if s.srv != nil {

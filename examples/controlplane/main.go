@@ -1,0 +1,165 @@
+// Command controlplane runs the reference WaitState control plane as a
+// process on loopback, so that several local services can share one fleet:
+// it verifies signatures and tokens, aggregates pulses per site, runs
+// reflex rules and serves the resulting policies.
+//
+//	go run ./examples/controlplane -rules rules.json
+//
+// It prints the keys and URL to export for the services (or takes them from
+// -publish-key and -secret-key). It is a development tool: it keeps its
+// state in memory and prints the secret key it generated.
+//
+// A rules file is a JSON array of rules for every site, or an object from
+// site to its array of rules:
+//
+//	[{"name": "p95-sheds-free", "tagName": "free", "metric": "latency_p95_ms",
+//	  "operator": "gt", "threshold": 200, "maxWeight": 0, "cooldownSeconds": 30}]
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"log"
+	"math"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"sort"
+	"syscall"
+	"time"
+
+	"github.com/waitstate/waitstate-go"
+	"github.com/waitstate/waitstate-go/internal/controlplane"
+)
+
+func main() {
+	var (
+		addr       = flag.String("addr", "127.0.0.1:8787", "address to listen on")
+		rulesFile  = flag.String("rules", "", "JSON file of reflex rules")
+		policyFile = flag.String("policy", "", "JSON file of the base policy (default: version 1, unlimited)")
+		publishKey = flag.String("publish-key", "", "publish key to accept (default: generated)")
+		secretKey  = flag.String("secret-key", "", "secret key of the publish key (default: generated)")
+		lease      = flag.Duration("lease", 0, "lease of every answer (default: the clients' own, 3 × their longer interval)")
+		window     = flag.Duration("rule-window", controlplane.DefaultRuleWindow, "how far back the rules look")
+		every      = flag.Duration("status", 5*time.Second, "how often to print the fleet's figures")
+	)
+	flag.Parse()
+	if err := run(*addr, *rulesFile, *policyFile, *publishKey, *secretKey, *lease, *window, *every); err != nil {
+		log.Fatal(err)
+	}
+}
+
+func run(addr, rulesFile, policyFile, publishKey, secretKey string, lease, window, every time.Duration) error {
+	if (publishKey == "") != (secretKey == "") {
+		return errors.New("give both -publish-key and -secret-key, or neither")
+	}
+	if publishKey == "" {
+		publishKey, secretKey = "pk_local_"+randomHex(), "sk_local_"+randomHex()
+	}
+	cp := controlplane.NewUnstarted()
+	defer cp.Close()
+	cp.AddKey(publishKey, secretKey)
+	cp.SetLeaseTTL(lease)
+	cp.SetRuleWindow(window)
+
+	base := controlplane.Policy{Version: 1, GlobalMaxWeight: math.Inf(1)}
+	if policyFile != "" {
+		data, err := os.ReadFile(policyFile)
+		if err != nil {
+			return err
+		}
+		var p waitstate.Policy // the SDK's own parser: what clients will accept
+		if err := json.Unmarshal(data, &p); err != nil {
+			return fmt.Errorf("%s: %w", policyFile, err)
+		}
+		base = controlplane.Policy{Version: p.Version, GlobalMaxWeight: p.GlobalMaxWeight, TagMaxWeights: p.TagMaxWeights}
+	}
+	cp.SetPolicy("", base)
+	if rulesFile != "" {
+		data, err := os.ReadFile(rulesFile)
+		if err != nil {
+			return err
+		}
+		bySite, err := controlplane.ParseRules(data)
+		if err != nil {
+			return fmt.Errorf("%s: %w", rulesFile, err)
+		}
+		for site, rules := range bySite {
+			if err := cp.SetRules(site, rules...); err != nil {
+				return err
+			}
+			fmt.Printf("site %q: %d rules\n", site, len(rules))
+		}
+	}
+
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return err
+	}
+	server := &http.Server{Handler: cp.Handler(), ReadHeaderTimeout: 5 * time.Second}
+	served := make(chan error, 1)
+	go func() { served <- server.Serve(ln) }()
+	fmt.Printf("WaitState control plane on http://%s\n\n", ln.Addr())
+	fmt.Printf("export %s=%s\nexport %s=%s\nexport %s=http://%s\n\n",
+		waitstate.EnvPublishKey, publishKey, waitstate.EnvSecretKey, secretKey, waitstate.EnvBaseURL, ln.Addr())
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	t := time.NewTicker(every)
+	defer t.Stop()
+	events := 0
+	for {
+		select {
+		case err := <-served:
+			return err
+		case <-ctx.Done():
+			fmt.Println("shutting down")
+			cp.Close() // releases any request held by a fault
+			shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			return server.Shutdown(shutdownCtx)
+		case <-t.C:
+			ev := cp.Events()
+			for _, e := range ev[events:] {
+				state := "cleared"
+				if e.Fired {
+					state = fmt.Sprintf("fired (%.1f)", e.Value)
+				}
+				fmt.Printf("%s site %q rule %q %s → policy v%d\n", e.At.Format(time.TimeOnly), e.Site, e.Rule, state, e.Version)
+			}
+			events = len(ev)
+			status(cp)
+		}
+	}
+}
+
+// status prints each site's figures over the rule window.
+func status(cp *controlplane.Server) {
+	sites := map[string]bool{}
+	for _, p := range cp.Pulses() {
+		sites[p.Site] = true
+	}
+	names := make([]string, 0, len(sites))
+	for s := range sites {
+		names = append(names, s)
+	}
+	sort.Strings(names)
+	for _, site := range names {
+		m := cp.Metrics(site)
+		p, _ := cp.Policy(site)
+		fmt.Printf("%s site %q: %d instances, %.0f calls/s, p95 %.0f ms, errors %.1f %%, policy v%d\n",
+			time.Now().Format(time.TimeOnly), site, m.Instances, m.RPS, m.LatencyP95Ms, 100*m.ErrorRate, p.Version)
+	}
+}
+
+func randomHex() string {
+	var b [12]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
