@@ -68,8 +68,11 @@
 //
 // # Testing
 //
-// The module ships a control plane that speaks the whole protocol on
-// loopback, with switches for every failure (down, hanging, 5xx, garbage,
-// forged signatures, bad tokens, bad policies). The SDK's own tests run
-// against it with -race; none uses a mocked transport.
+// Package waitstatetest starts the project's reference control plane on
+// loopback, in the spirit of net/http/httptest: a real HTTP server that
+// speaks the whole protocol, runs reflex rules, and can be told to fail in
+// every way the SDK must survive (down, hanging, 5xx, garbage, forged
+// signatures, bad tokens, bad policies). Its Options method returns Options
+// for New. The SDK's own tests run against the same server with -race; none
+// uses a mocked transport.
 package waitstate
