@@ -79,13 +79,22 @@ func (c *Client) do(ctx context.Context, k call) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("waitstate: %s: reading response: %w", k.op, err)
 	}
-	if len(data) > maxResponseBody {
-		return nil, fmt.Errorf("waitstate: %s: %w", k.op, ErrResponseTooLarge)
-	}
-	if !wire.Verify(c.opts.SecretKey, wire.ResponseCanonical(path, nonce, data), resp.Header.Get(wire.HeaderSignature)) {
-		return nil, fmt.Errorf("waitstate: %s: %w", k.op, ErrBadSignature)
+	if err := c.verifyResponse(path, nonce, resp.Header.Get(wire.HeaderSignature), data); err != nil {
+		return nil, fmt.Errorf("waitstate: %s: %w", k.op, err)
 	}
 	return data, nil
+}
+
+// verifyResponse accepts the body of a 2xx answer to the request with path
+// and nonce only when it is at most 1 MiB and signature is its signature.
+func (c *Client) verifyResponse(path, nonce, signature string, body []byte) error {
+	if len(body) > maxResponseBody {
+		return ErrResponseTooLarge
+	}
+	if !wire.Verify(c.opts.SecretKey, wire.ResponseCanonical(path, nonce, body), signature) {
+		return ErrBadSignature
+	}
+	return nil
 }
 
 // parseRetryAfter reads a Retry-After header in seconds or as an HTTP date,
