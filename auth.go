@@ -59,7 +59,7 @@ func (c *Client) do(ctx context.Context, k call) ([]byte, error) {
 		h.Set("Content-Type", "application/json")
 	}
 	if k.signed {
-		ts := strconv.FormatInt(time.Now().Unix(), 10)
+		ts := strconv.FormatInt(c.wall().Unix(), 10)
 		h.Set(wire.HeaderTimestamp, ts)
 		h.Set(wire.HeaderSignature, wire.Sign(c.opts.SecretKey, wire.RequestCanonical(k.method, path, ts, nonce, k.body)))
 	}
@@ -159,7 +159,7 @@ func (c *Client) fetchToken(ctx context.Context) (*token, error) {
 	if err != nil {
 		return nil, fmt.Errorf("waitstate: token: %w", err)
 	}
-	life := time.Until(exp)
+	life := exp.Sub(c.wall())
 	if resp.ExpiresIn > 0 && resp.ExpiresIn < life.Seconds() {
 		life = time.Duration(resp.ExpiresIn * float64(time.Second))
 	}
@@ -189,8 +189,9 @@ func (c *Client) validateToken(s string) (time.Time, error) {
 	return claims.ExpiresAt.Time, nil
 }
 
-func newJWTParser(publishKey string) *jwt.Parser {
+func newJWTParser(publishKey string, wall func() time.Time) *jwt.Parser {
 	return jwt.NewParser(
+		jwt.WithTimeFunc(wall),
 		jwt.WithValidMethods([]string{jwt.SigningMethodHS256.Alg()}),
 		jwt.WithIssuer(wire.Issuer),
 		jwt.WithSubject(publishKey),

@@ -125,7 +125,7 @@ func FuzzResponse(f *testing.F) {
 func FuzzToken(f *testing.F) {
 	f.Add("not.a.jwt")
 	opts := Options{PublishKey: testPublishKey, SecretKey: testSecretKey, BaseURL: "http://127.0.0.1:1", SiteID: "eu-1"}
-	c, err := newClient(opts, func() time.Duration { return 0 })
+	c, err := newClient(opts, func() time.Duration { return 0 }, time.Now)
 	if err != nil {
 		f.Fatal(err)
 	}

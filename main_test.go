@@ -104,14 +104,20 @@ func waitReady(t testing.TB, c *Client) {
 
 // idleClient is a client whose background goroutines are stopped, so that
 // a test drives its state by hand: policy p applied (enforcing) unless nil
-// (fail-open). clock is its clock; nil is the real one.
+// (fail-open). clock is its monotonic clock; nil is the real one.
 func idleClient(tb testing.TB, clock func() time.Duration, p *Policy) *Client {
+	tb.Helper()
+	return idleClientWall(tb, clock, time.Now, p)
+}
+
+// idleClientWall is idleClient with a wall clock of the test's too.
+func idleClientWall(tb testing.TB, clock func() time.Duration, wall func() time.Time, p *Policy) *Client {
 	tb.Helper()
 	if clock == nil {
 		start := time.Now()
 		clock = func() time.Duration { return time.Since(start) }
 	}
-	c, err := newClient(Options{PublishKey: "pk", SecretKey: testSecretKey, BaseURL: "http://127.0.0.1:1"}, clock)
+	c, err := newClient(Options{PublishKey: "pk", SecretKey: testSecretKey, BaseURL: "http://127.0.0.1:1"}, clock, wall)
 	require.NoError(tb, err)
 	c.cancel()
 	require.NoError(tb, c.group.Wait())

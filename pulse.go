@@ -149,7 +149,7 @@ func (c *Client) cut(final bool) *pulse {
 		InstanceID:   c.instanceID,
 		SiteID:       c.opts.SiteID,
 		SDK:          UserAgent,
-		WindowEndMs:  time.Now().UnixMilli(),
+		WindowEndMs:  c.wall().UnixMilli(),
 		WindowMs:     (now - old.start).Milliseconds(),
 		Mode:         c.mode.String(),
 		UsageDelta:   counts.usage,

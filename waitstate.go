@@ -39,6 +39,7 @@ type Client struct {
 	instanceID string
 	seed       uint64               // of the tag tables' hash
 	clock      func() time.Duration // monotonic time since New
+	wall       func() time.Time     // the wall clock
 
 	// The hot path: Gate reads view once, and safe only in safe mode.
 	view atomic.Pointer[view]
@@ -83,12 +84,14 @@ type Client struct {
 // wrapping ErrInvalidOptions.
 func New(opts Options) (*Client, error) {
 	start := time.Now()
-	return newClient(opts, func() time.Duration { return time.Since(start) })
+	return newClient(opts, func() time.Duration { return time.Since(start) }, time.Now)
 }
 
-// newClient is New with the clock the client reads: monotonic time since
-// New. Tests give their own.
-func newClient(opts Options, clock func() time.Duration) (*Client, error) {
+// newClient is New with the clocks the client reads: clock, monotonic time
+// since New, for leases, the safe-mode rate and token refresh; wall, the
+// wall clock, for what is sent on the wire (timestamps, windowEndMs) and
+// token expiry. Tests give their own.
+func newClient(opts Options, clock func() time.Duration, wall func() time.Time) (*Client, error) {
 	o, base, err := opts.withDefaults()
 	if err != nil {
 		return nil, err
@@ -97,10 +100,11 @@ func newClient(opts Options, clock func() time.Duration) (*Client, error) {
 		opts:       o,
 		base:       base,
 		log:        o.Logger,
-		jwtParser:  newJWTParser(o.PublishKey),
+		jwtParser:  newJWTParser(o.PublishKey, wall),
 		instanceID: wire.RandomHex(),
 		seed:       rand.Uint64(),
 		clock:      clock,
+		wall:       wall,
 		safe:       newLimiter(o.SafeModeMaxRPS),
 		histPrev:   new(histSnapshot),
 		histCur:    new(histSnapshot),

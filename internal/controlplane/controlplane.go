@@ -99,11 +99,13 @@ type Pulse struct {
 
 // Request is what the control plane saw of one request.
 type Request struct {
-	Method string
-	Path   string
-	Header http.Header
-	Body   []byte
-	Status int // the status it answered
+	Method   string
+	Path     string
+	Header   http.Header
+	Body     []byte
+	Status   int           // the status it answered
+	At       time.Time     // when it arrived
+	Duration time.Duration // how long the handler took
 }
 
 // Totals are a site's counts over every pulse counted.
@@ -177,6 +179,8 @@ type Server struct {
 	pulses     []Pulse
 	requests   []Request
 	tokens     map[string]bool // issued and not revoked
+	inflight   map[string]int  // by instance and loop ("pulse" or "sync")
+	maxFlight  map[string]int
 	lastReply  map[string]reply
 	closeOnce  sync.Once
 }
@@ -188,12 +192,14 @@ type reply struct {
 
 // siteState is what the control plane holds for one site.
 type siteState struct {
-	base    *Policy               // its own policy; nil: the default site's
-	raw     json.RawMessage       // a policy served as it is, rules or not
-	rules   []Rule                // its own rules; nil: the default site's
-	bumps   int64                 // policy changes made by its rules
-	firing  map[string]*ruleState // by rule name
-	samples []sample              // its pulses within the rule window
+	base      *Policy               // its own policy; nil: the default site's
+	raw       json.RawMessage       // a policy served as it is, rules or not
+	rules     []Rule                // its own rules; nil: the default site's
+	bumps     int64                 // policy changes made by its rules
+	firing    map[string]*ruleState // by rule name
+	samples   []sample              // its pulses within the rule window
+	totals    Totals                // over every pulse counted
+	instances map[string]bool       // that ever pulsed
 }
 
 // DefaultRuleWindow is how far back the rules look unless SetRuleWindow
@@ -221,6 +227,8 @@ func NewUnstarted() *Server {
 		tokenTTL:   time.Hour,
 		counted:    map[instanceSeq]bool{},
 		tokens:     map[string]bool{},
+		inflight:   map[string]int{},
+		maxFlight:  map[string]int{},
 		lastReply:  map[string]reply{},
 	}
 }
@@ -398,53 +406,95 @@ func (s *Server) RevokeTokens() {
 	clear(s.tokens)
 }
 
-// Pulses returns the pulses counted so far, in order of arrival; a
-// repeated (instance, seq) is acknowledged but not listed again.
+// Pulses returns the pulses counted so far (the last MaxLog), in order of
+// arrival; a repeated (instance, seq) is acknowledged but not listed again.
 func (s *Server) Pulses() []Pulse {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return slices.Clone(s.pulses)
 }
 
-// Requests returns every request received so far.
+// Requests returns the requests received so far (the last MaxLog).
 func (s *Server) Requests() []Request {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return slices.Clone(s.requests)
 }
 
-// Totals adds up the pulses counted from site.
+// Totals adds up the pulses counted from site, since the server started.
 func (s *Server) Totals(site string) Totals {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	t := Totals{Tags: map[string]TagCount{}}
-	instances := map[string]bool{}
-	for _, p := range s.pulses {
-		if p.Site != site {
-			continue
-		}
-		t.Pulses++
-		instances[p.InstanceID] = true
-		t.Usage += p.UsageDelta
-		t.Bounced += p.BouncedDelta
-		for tag, c := range p.Tags {
-			prev := t.Tags[tag]
-			t.Tags[tag] = TagCount{Usage: prev.Usage + c.Usage, Bounced: prev.Bounced + c.Bounced}
-		}
+	st := s.site(site)
+	t := st.totals
+	t.Tags = maps.Clone(st.totals.Tags)
+	if t.Tags == nil {
+		t.Tags = map[string]TagCount{}
 	}
-	t.Instances = len(instances)
+	t.Instances = len(st.instances)
 	return t
 }
 
-// recorder logs every request and its status.
+// count adds a counted pulse to its site's totals. Call with s.mu held.
+func (s *Server) count(p *Pulse) {
+	st := s.site(p.Site)
+	if st.instances == nil {
+		st.instances = map[string]bool{}
+		st.totals.Tags = map[string]TagCount{}
+	}
+	st.instances[p.InstanceID] = true
+	st.totals.Pulses++
+	st.totals.Usage += p.UsageDelta
+	st.totals.Bounced += p.BouncedDelta
+	for tag, c := range p.Tags {
+		prev := st.totals.Tags[tag]
+		st.totals.Tags[tag] = TagCount{Usage: prev.Usage + c.Usage, Bounced: prev.Bounced + c.Bounced}
+	}
+}
+
+// keep appends v to a log, dropping the oldest entries past MaxLog.
+func keep[T any](log []T, v T) []T {
+	if len(log) >= MaxLog {
+		log = slices.Delete(log, 0, len(log)-MaxLog+1)
+	}
+	return append(log, v)
+}
+
+// MaxLog is how many requests and pulses Requests and Pulses keep; Totals
+// counts every pulse regardless.
+const MaxLog = 200_000
+
+// MaxInFlight returns, for each instance and loop ("<instance> pulse" or
+// "<instance> sync"), the most requests it ever had in flight at once.
+func (s *Server) MaxInFlight() map[string]int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return maps.Clone(s.maxFlight)
+}
+
+// recorder logs every request, its status and duration, and how many
+// requests each client loop has in flight.
 func (s *Server) recorder(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		at := time.Now()
+		loop := r.Header.Get(wire.HeaderInstance) + " sync"
+		if r.URL.Path == wire.PathPulse {
+			loop = r.Header.Get(wire.HeaderInstance) + " pulse"
+		}
+		s.mu.Lock()
+		s.inflight[loop]++
+		s.maxFlight[loop] = max(s.maxFlight[loop], s.inflight[loop])
+		s.mu.Unlock()
+
 		body, _ := io.ReadAll(io.LimitReader(r.Body, 8<<20))
 		r.Body = io.NopCloser(bytes.NewReader(body))
 		sw := &statusRecorder{ResponseWriter: w, status: http.StatusOK}
 		next.ServeHTTP(sw, r)
+
 		s.mu.Lock()
-		s.requests = append(s.requests, Request{Method: r.Method, Path: r.URL.RequestURI(), Header: r.Header.Clone(), Body: body, Status: sw.status})
+		s.inflight[loop]--
+		s.requests = keep(s.requests, Request{Method: r.Method, Path: r.URL.RequestURI(), Header: r.Header.Clone(), Body: body,
+			Status: sw.status, At: at, Duration: time.Since(at)})
 		s.mu.Unlock()
 	})
 }
@@ -795,7 +845,8 @@ func (s *Server) handlePulse(w http.ResponseWriter, r *http.Request) {
 	s.mu.Lock()
 	if !s.counted[key] {
 		s.counted[key] = true
-		s.pulses = append(s.pulses, p)
+		s.pulses = keep(s.pulses, p)
+		s.count(&p)
 		s.evaluate(p.Site, &p, time.Now())
 	}
 	s.mu.Unlock()
