@@ -3,6 +3,8 @@ package waitstate
 import (
 	"bytes"
 	"context"
+	"io"
+	"log"
 	"log/slog"
 	"sync"
 	"testing"
@@ -131,3 +133,7 @@ func idleClientWall(tb testing.TB, clock func() time.Duration, wall func() time.
 	}
 	return c
 }
+
+// newDiscardLogger is a *log.Logger that writes nowhere, for servers whose
+// recovered panics are expected.
+func newDiscardLogger() *log.Logger { return log.New(io.Discard, "", 0) }

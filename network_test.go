@@ -181,7 +181,7 @@ func gateFor(c *Client, stop <-chan struct{}) func() (usage, bounced uint64, tag
 					tc.Bounced++
 				}
 				local[g][tag] = tc
-				if i%64 == 0 {
+				if i%16 == 0 {
 					time.Sleep(50 * time.Microsecond) // leave the loops some CPU
 				}
 			}

@@ -171,6 +171,7 @@ type Server struct {
 	keys       map[string]string     // publish key → secret key
 	sites      map[string]*siteState // "" is the default for sites without their own
 	ruleWindow time.Duration
+	logLimit   int
 	events     []Event
 	leaseTTL   time.Duration
 	tokenTTL   time.Duration
@@ -224,6 +225,7 @@ func NewUnstarted() *Server {
 		keys:       map[string]string{},
 		sites:      map[string]*siteState{},
 		ruleWindow: DefaultRuleWindow,
+		logLimit:   DefaultLogLimit,
 		tokenTTL:   time.Hour,
 		counted:    map[instanceSeq]bool{},
 		tokens:     map[string]bool{},
@@ -406,7 +408,7 @@ func (s *Server) RevokeTokens() {
 	clear(s.tokens)
 }
 
-// Pulses returns the pulses counted so far (the last MaxLog), in order of
+// Pulses returns the pulses counted so far (the last SetLogLimit), in order of
 // arrival; a repeated (instance, seq) is acknowledged but not listed again.
 func (s *Server) Pulses() []Pulse {
 	s.mu.Lock()
@@ -414,7 +416,7 @@ func (s *Server) Pulses() []Pulse {
 	return slices.Clone(s.pulses)
 }
 
-// Requests returns the requests received so far (the last MaxLog).
+// Requests returns the requests received so far (the last SetLogLimit).
 func (s *Server) Requests() []Request {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -447,22 +449,39 @@ func (s *Server) count(p *Pulse) {
 	st.totals.Usage += p.UsageDelta
 	st.totals.Bounced += p.BouncedDelta
 	for tag, c := range p.Tags {
+		if _, ok := st.totals.Tags[tag]; !ok && len(st.totals.Tags) >= MaxSiteTags {
+			tag = "_other" // a tag flood must not grow the control plane without bound either
+		}
 		prev := st.totals.Tags[tag]
 		st.totals.Tags[tag] = TagCount{Usage: prev.Usage + c.Usage, Bounced: prev.Bounced + c.Bounced}
 	}
 }
 
-// keep appends v to a log, dropping the oldest entries past MaxLog.
-func keep[T any](log []T, v T) []T {
-	if len(log) >= MaxLog {
-		log = slices.Delete(log, 0, len(log)-MaxLog+1)
+// MaxSiteTags is how many distinct tags a site's Totals track; the counts
+// of further tags go to "_other".
+const MaxSiteTags = 10_000
+
+// keep appends v to a log, dropping the oldest entries past limit.
+func keep[T any](log []T, v T, limit int) []T {
+	if len(log) >= limit {
+		log = slices.Delete(log, 0, len(log)-limit+1)
+	}
+	if limit <= 0 {
+		return log
 	}
 	return append(log, v)
 }
 
-// MaxLog is how many requests and pulses Requests and Pulses keep; Totals
-// counts every pulse regardless.
-const MaxLog = 200_000
+// DefaultLogLimit is how many requests and pulses Requests and Pulses keep
+// unless SetLogLimit says otherwise; Totals counts every pulse regardless.
+const DefaultLogLimit = 200_000
+
+// SetLogLimit sets how many requests and pulses Requests and Pulses keep.
+func (s *Server) SetLogLimit(n int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.logLimit = n
+}
 
 // MaxInFlight returns, for each instance and loop ("<instance> pulse" or
 // "<instance> sync"), the most requests it ever had in flight at once.
@@ -494,7 +513,7 @@ func (s *Server) recorder(next http.Handler) http.Handler {
 		s.mu.Lock()
 		s.inflight[loop]--
 		s.requests = keep(s.requests, Request{Method: r.Method, Path: r.URL.RequestURI(), Header: r.Header.Clone(), Body: body,
-			Status: sw.status, At: at, Duration: time.Since(at)})
+			Status: sw.status, At: at, Duration: time.Since(at)}, s.logLimit)
 		s.mu.Unlock()
 	})
 }
@@ -845,7 +864,7 @@ func (s *Server) handlePulse(w http.ResponseWriter, r *http.Request) {
 	s.mu.Lock()
 	if !s.counted[key] {
 		s.counted[key] = true
-		s.pulses = keep(s.pulses, p)
+		s.pulses = keep(s.pulses, p, s.logLimit)
 		s.count(&p)
 		s.evaluate(p.Site, &p, time.Now())
 	}
