@@ -3,9 +3,12 @@ package waitstate
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"log"
 	"log/slog"
+	"os"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -17,7 +20,29 @@ import (
 )
 
 func TestMain(m *testing.M) {
+	if keys := os.Getenv(childPlaneEnv); keys != "" {
+		serveChildPlane(keys) // this process is a control plane for another test
+		return
+	}
 	goleak.VerifyTestMain(m)
+}
+
+// childPlaneEnv makes the test binary serve a control plane instead of
+// running tests: a test that measures the client alone runs the control
+// plane in another process, so that its allocations and CPU are not counted.
+const childPlaneEnv = "WAITSTATE_TEST_CHILD_PLANE"
+
+// serveChildPlane serves a control plane for the key pair "publish:secret",
+// prints its URL, and exits when standard input closes.
+func serveChildPlane(keys string) {
+	pub, secret, _ := strings.Cut(keys, ":")
+	cp := controlplane.New()
+	cp.AddKey(pub, secret)
+	cp.SetLogLimit(0)
+	cp.SetPolicy("", controlplane.Policy{Version: 1, GlobalMaxWeight: 5, TagMaxWeights: map[string]float64{"free": 0}})
+	fmt.Println(cp.URL)
+	_, _ = io.Copy(io.Discard, os.Stdin)
+	cp.Close()
 }
 
 // Test keys. The secret is long and distinctive so that a leak into a log

@@ -463,11 +463,11 @@ const MaxSiteTags = 10_000
 
 // keep appends v to a log, dropping the oldest entries past limit.
 func keep[T any](log []T, v T, limit int) []T {
+	if limit <= 0 {
+		return nil
+	}
 	if len(log) >= limit {
 		log = slices.Delete(log, 0, len(log)-limit+1)
-	}
-	if limit <= 0 {
-		return log
 	}
 	return append(log, v)
 }
