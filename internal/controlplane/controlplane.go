@@ -199,6 +199,7 @@ type siteState struct {
 	bumps     int64                 // policy changes made by its rules
 	firing    map[string]*ruleState // by rule name
 	samples   []sample              // its pulses within the rule window
+	evaluated time.Time             // when its rules were last stepped
 	totals    Totals                // over every pulse counted
 	instances map[string]bool       // that ever pulsed
 }
@@ -345,15 +346,19 @@ func (st *siteState) prune(now time.Time, window time.Duration) {
 	st.samples = st.samples[i:]
 }
 
-// evaluate records a pulse of site and steps its rules. Call with s.mu held.
+// evaluate records a pulse of site and steps its rules, at most once per
+// twentieth of the rule window (and at least every 100 ms of pulses): the
+// metrics are computed over every pulse in the window, so a large fleet
+// must not recompute them on every pulse. Call with s.mu held.
 func (s *Server) evaluate(site string, p *Pulse, now time.Time) {
 	st := s.site(site)
 	st.samples = append(st.samples, sample{at: now, instance: p.InstanceID, calls: p.UsageDelta + p.BouncedDelta, health: p.Health})
 	st.prune(now, s.ruleWindow)
 	rules := s.rulesOf(st)
-	if len(rules) == 0 {
+	if len(rules) == 0 || now.Sub(st.evaluated) < min(s.ruleWindow/20, 100*time.Millisecond) {
 		return
 	}
+	st.evaluated = now
 	m := metrics(st.samples, s.ruleWindow)
 	for _, r := range rules {
 		rs := st.firing[r.Name]

@@ -1,0 +1,76 @@
+package controlplane
+
+import (
+	"bytes"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/waitstate/waitstate-go/internal/wire"
+)
+
+// BenchmarkPulse is the control plane's CPU per pulse: verify the request's
+// signature, parse, count once, keep the sample for the rules, and sign the
+// answer. No network: the handler is called directly. Rule evaluation, which
+// runs at most 20 times per rule window, is BenchmarkEvaluate.
+func BenchmarkPulse(b *testing.B) {
+	for _, tags := range []int{10, 1000} {
+		b.Run(fmt.Sprintf("tags=%d", tags), func(b *testing.B) {
+			s := NewUnstarted()
+			defer s.Close()
+			s.AddKey("pk", "sk")
+			s.SetLogLimit(0)
+			s.SetPolicy("", Policy{Version: 1, GlobalMaxWeight: 5})
+			h := s.Handler()
+			var tagJSON bytes.Buffer
+			for i := range tags {
+				if i > 0 {
+					tagJSON.WriteByte(',')
+				}
+				fmt.Fprintf(&tagJSON, `"tenant-%d":{"usage":%d,"bounced":%d}`, i, i, i%3)
+			}
+			b.ReportAllocs()
+			seq := 0
+			for b.Loop() {
+				seq++
+				body := []byte(`{"instanceId":"i1","sdk":"waitstate-go/0.1.0","seq":` + strconv.Itoa(seq) +
+					`,"windowEndMs":1764230400000,"windowMs":20000,"mode":"enforcing","policyVersion":1,` +
+					`"usageDelta":100,"bouncedDelta":5,"usageTotal":1000,"bouncedTotal":50,"tags":{` + tagJSON.String() + `},` +
+					`"health":{"requests":100,"errors":2,"latencyMs":{"p50":12.5,"p95":80,"p99":120,"max":300}}}`)
+				req := httptest.NewRequest(http.MethodPost, wire.PathPulse, bytes.NewReader(body))
+				ts, nonce := strconv.FormatInt(time.Now().Unix(), 10), wire.RandomHex()
+				req.Header.Set(wire.HeaderKey, "pk")
+				req.Header.Set(wire.HeaderInstance, "i1")
+				req.Header.Set(wire.HeaderNonce, nonce)
+				req.Header.Set(wire.HeaderTimestamp, ts)
+				req.Header.Set(wire.HeaderSignature, wire.Sign("sk", wire.RequestCanonical(http.MethodPost, wire.PathPulse, ts, nonce, body)))
+				rec := httptest.NewRecorder()
+				h.ServeHTTP(rec, req)
+				if rec.Code != http.StatusOK {
+					b.Fatalf("status %d: %s", rec.Code, rec.Body)
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkEvaluate is one evaluation of a site's rules over a window of
+// 1,000 pulses with health (a fleet of 1,000 instances pulsing once per
+// window), both latency quantiles included.
+func BenchmarkEvaluate(b *testing.B) {
+	samples := make([]sample, 1000)
+	for i := range samples {
+		samples[i] = sample{instance: strconv.Itoa(i), calls: 100, health: &Health{Requests: uint64(50 + i%100), Errors: 1,
+			LatencyMs: Latency{P50: 10 + float64(i%50), P95: 80 + float64(i%200), P99: 120 + float64(i%300), Max: 400}}}
+	}
+	r := Rule{Name: "p95", TagName: "free", Metric: MetricLatencyP95, Operator: "gt", Threshold: 200, CooldownSeconds: 5}
+	var st ruleState
+	now := time.Now()
+	b.ReportAllocs()
+	for b.Loop() {
+		st.step(r, metrics(samples, 5*time.Second), now)
+	}
+}
