@@ -40,6 +40,7 @@ type StatusError struct {
 	RetryAfter time.Duration // the Retry-After header, capped at 10 minutes; 0 if none
 }
 
+// Error says which request got which status; it quotes nothing else.
 func (e *StatusError) Error() string {
 	return fmt.Sprintf("waitstate: %s: control plane answered %d %s", e.Op, e.StatusCode, http.StatusText(e.StatusCode))
 }

@@ -528,6 +528,7 @@ type statusRecorder struct {
 	status int
 }
 
+// WriteHeader records the status and passes it on.
 func (w *statusRecorder) WriteHeader(code int) {
 	w.status = code
 	w.ResponseWriter.WriteHeader(code)
