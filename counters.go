@@ -7,6 +7,8 @@ import (
 	"sync/atomic"
 	"time"
 	"unsafe"
+
+	"github.com/waitstate/waitstate-go/internal/wire"
 )
 
 // Per-window tag tracking (SPEC §3).
@@ -111,10 +113,7 @@ func (t *tagCounter) peek() tagCount {
 }
 
 // tagCount is one tag's counts in a pulse.
-type tagCount struct {
-	Usage   uint64 `json:"usage"`
-	Bounced uint64 `json:"bounced"`
-}
+type tagCount = wire.TagCount
 
 // window counts Gate calls between two pulses in a lock-free open-addressing
 // table: lookups and counting never allocate, and a tag is registered with
@@ -370,18 +369,7 @@ func (h *histogram) snapshot(s *histSnapshot) {
 }
 
 // healthJSON is the pulse's health object.
-type healthJSON struct {
-	Requests  uint64      `json:"requests"`
-	Errors    uint64      `json:"errors"`
-	LatencyMs latencyJSON `json:"latencyMs"`
-}
-
-type latencyJSON struct {
-	P50 float64 `json:"p50"`
-	P95 float64 `json:"p95"`
-	P99 float64 `json:"p99"`
-	Max float64 `json:"max"`
-}
+type healthJSON = wire.Health
 
 // healthBetween returns the health of the samples taken between prev and
 // cur, or nil when there were none.
@@ -413,7 +401,7 @@ func healthBetween(prev, cur *histSnapshot) *healthJSON {
 	return &healthJSON{
 		Requests: cur.requests - prev.requests,
 		Errors:   cur.errors - prev.errors,
-		LatencyMs: latencyJSON{
+		LatencyMs: wire.Latency{
 			P50: quantile(0.50),
 			P95: quantile(0.95),
 			P99: quantile(0.99),

@@ -19,22 +19,7 @@ type pulse struct {
 }
 
 // pulseJSON is the body of POST /v1/pulse (SPEC §4).
-type pulseJSON struct {
-	InstanceID    string              `json:"instanceId"`
-	SiteID        string              `json:"siteId,omitempty"`
-	SDK           string              `json:"sdk"`
-	Seq           uint64              `json:"seq"`
-	WindowEndMs   int64               `json:"windowEndMs"`
-	WindowMs      int64               `json:"windowMs"`
-	Mode          string              `json:"mode"`
-	PolicyVersion int64               `json:"policyVersion"`
-	UsageDelta    uint64              `json:"usageDelta"`
-	BouncedDelta  uint64              `json:"bouncedDelta"`
-	UsageTotal    uint64              `json:"usageTotal"`
-	BouncedTotal  uint64              `json:"bouncedTotal"`
-	Tags          map[string]tagCount `json:"tags"`
-	Health        *healthJSON         `json:"health,omitempty"`
-}
+type pulseJSON = wire.PulseBody
 
 // pulseOutcome is what became of one attempt to send a pulse.
 type pulseOutcome int

@@ -54,43 +54,16 @@ func weightJSON(w float64) any {
 	return w
 }
 
-// TagCount is one tag's counts in a pulse.
-type TagCount struct {
-	Usage   uint64 `json:"usage"`
-	Bounced uint64 `json:"bounced"`
-}
+// The parts of a pulse, as the protocol defines them.
+type (
+	TagCount = wire.TagCount
+	Health   = wire.Health
+	Latency  = wire.Latency
+)
 
-// Latency is a pulse's latency quantiles in milliseconds.
-type Latency struct {
-	P50 float64 `json:"p50"`
-	P95 float64 `json:"p95"`
-	P99 float64 `json:"p99"`
-	Max float64 `json:"max"`
-}
-
-// Health is a pulse's health object.
-type Health struct {
-	Requests  uint64  `json:"requests"`
-	Errors    uint64  `json:"errors"`
-	LatencyMs Latency `json:"latencyMs"`
-}
-
-// Pulse is a pulse body as received.
+// Pulse is a pulse as received.
 type Pulse struct {
-	InstanceID    string              `json:"instanceId"`
-	SiteID        string              `json:"siteId"`
-	SDK           string              `json:"sdk"`
-	Seq           uint64              `json:"seq"`
-	WindowEndMs   int64               `json:"windowEndMs"`
-	WindowMs      int64               `json:"windowMs"`
-	Mode          string              `json:"mode"`
-	PolicyVersion int64               `json:"policyVersion"`
-	UsageDelta    uint64              `json:"usageDelta"`
-	BouncedDelta  uint64              `json:"bouncedDelta"`
-	UsageTotal    uint64              `json:"usageTotal"`
-	BouncedTotal  uint64              `json:"bouncedTotal"`
-	Tags          map[string]TagCount `json:"tags"`
-	Health        *Health             `json:"health"`
+	wire.PulseBody
 
 	// Raw is the body as it arrived; Site the X-WaitState-Site header.
 	Raw  []byte `json:"-"`
