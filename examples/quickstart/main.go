@@ -22,6 +22,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"math"
 	"math/rand/v2"
 	"os"
@@ -356,13 +357,7 @@ func (s *simulation) milestone(m string) { s.milestones = append(s.milestones, m
 // describe sums up a policy's limits.
 func describe(p *waitstate.Policy) string {
 	parts := []string{fmt.Sprintf("global max weight %v", p.GlobalMaxWeight)}
-	for _, tag := range slices.Sorted(func(yield func(string) bool) {
-		for k := range p.TagMaxWeights {
-			if !yield(k) {
-				return
-			}
-		}
-	}) {
+	for _, tag := range slices.Sorted(maps.Keys(p.TagMaxWeights)) {
 		parts = append(parts, fmt.Sprintf("%s max weight %v", tag, p.TagMaxWeights[tag]))
 	}
 	return strings.Join(parts, ", ")
