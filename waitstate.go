@@ -50,6 +50,7 @@ type Client struct {
 	mu            sync.Mutex
 	mode          Mode
 	policy        *Policy // the last applied policy; nil before the first
+	fallback      *Policy // DefaultPolicy, in force until then
 	win           *window // the live window; nil after the final cut
 	leaseDeadline time.Duration
 	leaseTimer    *time.Timer
@@ -106,6 +107,7 @@ func newClient(opts Options, clock func() time.Duration, wall func() time.Time) 
 		clock:      clock,
 		wall:       wall,
 		safe:       newLimiter(o.SafeModeMaxRPS),
+		fallback:   DefaultPolicy(),
 		histPrev:   new(histSnapshot),
 		histCur:    new(histSnapshot),
 		ready:      make(chan struct{}),
@@ -137,7 +139,7 @@ func newClient(opts Options, clock func() time.Duration, wall func() time.Time) 
 func (c *Client) publish() {
 	p := c.policy
 	if p == nil {
-		p = DefaultPolicy()
+		p = c.fallback
 	}
 	c.view.Store(&view{mode: c.mode, policy: p, win: c.win})
 }
