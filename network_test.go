@@ -704,3 +704,26 @@ func TestCountDroppedWindows(t *testing.T) {
 	assert.EqualValues(t, s.PulsesDropped, dropped, "each dropped pulse was sent once")
 	assert.Contains(t, logs.String(), "pulse refused and dropped")
 }
+
+func TestProtocolRetryAfterOnSync(t *testing.T) {
+	cp := newPlane(t)
+	cp.SetPolicy("", controlplane.Policy{Version: 1, GlobalMaxWeight: 5})
+	c, _ := startClient(t, testOptions(cp))
+	waitReady(t, c)
+	cp.SetFaults(controlplane.Faults{PolicyStatus: http.StatusServiceUnavailable, RetryAfter: 2 * time.Second})
+	var at time.Time
+	eventually(t, func() bool {
+		for _, r := range requestsTo(cp, http.MethodGet, wire.PathPolicy) {
+			if r.Status == http.StatusServiceUnavailable {
+				at = time.Now()
+				return true
+			}
+		}
+		return false
+	}, "a 503")
+	n := len(requestsTo(cp, http.MethodGet, wire.PathPolicy))
+	cp.SetFaults(controlplane.Faults{})
+	eventually(t, func() bool { return len(requestsTo(cp, http.MethodGet, wire.PathPolicy)) > n }, "syncs resume")
+	assert.GreaterOrEqual(t, time.Since(at), 1800*time.Millisecond, "the next sync waited for Retry-After, not the 100 ms interval")
+	assert.Equal(t, ModeEnforcing, c.Mode(), "pulses kept the lease")
+}
