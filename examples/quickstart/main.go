@@ -114,7 +114,11 @@ func run(ctx context.Context) error {
 		fmt.Println("no policy yet, so Gate fails open:", err)
 	}
 
-	sim := newSimulation(client, srv)
+	safeRPS := opts.SafeModeMaxRPS
+	if safeRPS == 0 {
+		safeRPS = waitstate.DefaultSafeModeMaxRPS
+	}
+	sim := newSimulation(client, srv, safeRPS)
 	if err := sim.run(ctx); err != nil {
 		return err
 	}
@@ -163,9 +167,10 @@ func setup() (waitstate.Options, *waitstatetest.Server, error) {
 type counts struct{ allowed, denied int }
 
 type simulation struct {
-	client *waitstate.Client
-	srv    *waitstatetest.Server // nil against a remote control plane
-	start  time.Time
+	client  *waitstate.Client
+	srv     *waitstatetest.Server // nil against a remote control plane
+	safeRPS uint64
+	start   time.Time
 
 	admitted  []int // admissions per tick, last 250 ms: the backend's load
 	second    map[string]*counts
@@ -178,8 +183,8 @@ type simulation struct {
 	milestones []string
 }
 
-func newSimulation(c *waitstate.Client, srv *waitstatetest.Server) *simulation {
-	return &simulation{client: c, srv: srv, mode: c.Mode(), version: c.Policy().Version, second: newSecond()}
+func newSimulation(c *waitstate.Client, srv *waitstatetest.Server, safeRPS uint64) *simulation {
+	return &simulation{client: c, srv: srv, safeRPS: safeRPS, mode: c.Mode(), version: c.Policy().Version, second: newSecond()}
 }
 
 func newSecond() map[string]*counts {
@@ -311,10 +316,12 @@ func (s *simulation) transitions() {
 		}
 		s.events = len(ev)
 	}
-	if m := s.client.Mode(); m != s.mode {
+	// One reading of the client per tick: the lines below agree with each other.
+	m, p := s.client.Mode(), s.client.Policy()
+	if m != s.mode {
 		switch m {
 		case waitstate.ModeSafeMode:
-			s.line("lease expired: SAFE MODE, at most 60 admissions/s whatever the tag")
+			s.line("lease expired: SAFE MODE, at most %d admissions/s whatever the tag", s.safeRPS)
 			s.milestone("safe mode")
 		case waitstate.ModeEnforcing:
 			s.line("lease renewed: ENFORCING again")
@@ -326,18 +333,18 @@ func (s *simulation) transitions() {
 		}
 		s.mode = m
 	}
-	if p := s.client.Policy(); p.Version != s.version {
+	if p.Version != s.version {
 		s.version = p.Version
 		s.line("client applied policy v%d: %s", p.Version, describe(p))
 	}
-	if s.client.Mode() != waitstate.ModeEnforcing {
+	if m != waitstate.ModeEnforcing {
 		return
 	}
-	free := s.client.Policy().Gate("free", 1).Allowed // the pure form: counts nothing
+	free := p.Gate("free", 1).Allowed // the pure form: counts nothing
 	switch {
 	case !free && !s.freeShed:
 		s.freeShed = true
-		if s.client.Policy().Gate("pro", 5).Allowed && s.client.Policy().Gate("enterprise", 10).Allowed {
+		if p.Gate("pro", 5).Allowed && p.Gate("enterprise", 10).Allowed {
 			s.line("free is SHED; pro and enterprise still pass")
 			s.milestone("free shed while pro and enterprise pass")
 		}
