@@ -189,6 +189,12 @@ func (w *window) resolve(c *tagCounter) *tagCounter {
 	return c
 }
 
+// tracked reports whether a slot holds a tag's own counter: not empty, not
+// sealed, not an overflow marker.
+func (t *tagCounter) tracked() bool {
+	return t != nil && t != sealedSlot && !t.overflow
+}
+
 // sealedSlot fills the empty slots of a sealed window, so that no tag can
 // be registered in it once its counters have been read.
 var sealedSlot = new(tagCounter)
@@ -258,7 +264,7 @@ func (w *window) reserve() bool {
 // stale or missing entry costs a second lookup, never a wrong answer.
 func (w *window) relimit(p *Policy) {
 	for i := range w.slots {
-		if c := w.slots[i].Load(); c != nil && c != sealedSlot && !c.overflow {
+		if c := w.slots[i].Load(); c.tracked() {
 			l := p.limitFor(c.tag)
 			c.lim.Store(&l)
 		}
@@ -299,7 +305,7 @@ func (w *window) collect(seal bool) windowCounts {
 			}
 			c = w.slots[i].Load() // a Gate registered a tag just now
 		}
-		if c != nil && c != sealedSlot && !c.overflow {
+		if c.tracked() {
 			read(c)
 		}
 	}
