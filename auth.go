@@ -10,6 +10,7 @@ import (
 	"math"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/golang-jwt/jwt/v5"
@@ -17,9 +18,9 @@ import (
 	"github.com/waitstate/waitstate-go/internal/wire"
 )
 
-// Protocol limits (SPEC §3, §4).
+// Protocol limits.
 const (
-	maxResponseBody = 1 << 20          // a larger response body is refused
+	maxResponseBody = wire.MaxBody     // a larger response body is refused
 	maxRetryAfter   = 10 * time.Minute // Retry-After is honoured up to this
 	tokenLeeway     = 30 * time.Second // clock skew allowed on a token's times
 )
@@ -30,7 +31,7 @@ type call struct {
 	method string
 	path   string // below BaseURL, such as wire.PathPulse
 	body   []byte // nil for none
-	signed bool   // sign the request (SPEC §4)
+	signed bool   // sign the request
 	bearer string // the JWT, for GET /v1/policy
 }
 
@@ -50,7 +51,7 @@ func (c *Client) do(ctx context.Context, k call) ([]byte, error) {
 	h := req.Header
 	h.Set("User-Agent", UserAgent)
 	h.Set(wire.HeaderKey, c.opts.PublishKey)
-	h.Set(wire.HeaderInstance, c.instanceID)
+	h.Set(wire.HeaderInstance, c.opts.InstanceID)
 	h.Set(wire.HeaderNonce, nonce)
 	if c.opts.SiteID != "" {
 		h.Set(wire.HeaderSite, c.opts.SiteID)
@@ -61,7 +62,7 @@ func (c *Client) do(ctx context.Context, k call) ([]byte, error) {
 	if k.signed {
 		ts := strconv.FormatInt(c.wall().Unix(), 10)
 		h.Set(wire.HeaderTimestamp, ts)
-		h.Set(wire.HeaderSignature, wire.Sign(c.opts.SecretKey, wire.RequestCanonical(k.method, path, ts, nonce, k.body)))
+		h.Set(wire.HeaderSignature, wire.Sign(c.opts.SecretKey, wire.RequestCanonical(k.method, path, ts, nonce, c.identity(), k.body)))
 	}
 	if k.bearer != "" {
 		h.Set("Authorization", "Bearer "+k.bearer)
@@ -91,10 +92,15 @@ func (c *Client) verifyResponse(path, nonce, signature string, body []byte) erro
 	if len(body) > maxResponseBody {
 		return ErrResponseTooLarge
 	}
-	if !wire.Verify(c.opts.SecretKey, wire.ResponseCanonical(path, nonce, body), signature) {
+	if !wire.Verify(c.opts.SecretKey, wire.ResponseCanonical(path, nonce, c.identity(), body), signature) {
 		return ErrBadSignature
 	}
 	return nil
+}
+
+// identity is what every signature binds this client to.
+func (c *Client) identity() wire.Identity {
+	return wire.Identity{PublishKey: c.opts.PublishKey, InstanceID: c.opts.InstanceID, SiteID: c.opts.SiteID}
 }
 
 // parseRetryAfter reads a Retry-After header in seconds or as an HTTP date,
@@ -121,6 +127,26 @@ func retryAfter(err error) time.Duration {
 	return 0
 }
 
+// retryDelay is how long a loop whose tick is every waits after err
+// because of a Retry-After. Such answers are unsigned: anyone on the path,
+// a proxy among them, can send one. So while a lease is held it never
+// delays the loop past the lease's remaining time less one interval, and at
+// least one interval: a stray 503 cannot run a healthy client's lease out.
+func (c *Client) retryDelay(err error, every time.Duration) time.Duration {
+	d := retryAfter(err)
+	if d == 0 {
+		return 0
+	}
+	c.mu.Lock()
+	leased := c.policy != nil && !c.initial
+	left := c.leaseDeadline - c.clock()
+	c.mu.Unlock()
+	if leased {
+		d = min(d, max(left-every, every))
+	}
+	return d
+}
+
 // token is a validated JWT and when it must be refreshed.
 type token struct {
 	value     string
@@ -128,7 +154,7 @@ type token struct {
 	expiresAt time.Duration // client clock: the end of its lifetime
 }
 
-// tokenClaims are the claims of SPEC §4.
+// tokenClaims are a token's claims: the registered ones, and the site.
 type tokenClaims struct {
 	jwt.RegisteredClaims
 	Site string `json:"site,omitempty"`
@@ -139,7 +165,7 @@ func (c *Client) fetchToken(ctx context.Context) (*token, error) {
 	reqBody, err := json.Marshal(struct {
 		InstanceID string `json:"instanceId"`
 		SiteID     string `json:"siteId,omitempty"`
-	}{c.instanceID, c.opts.SiteID})
+	}{c.opts.InstanceID, c.opts.SiteID})
 	if err != nil {
 		return nil, err
 	}
@@ -169,7 +195,7 @@ func (c *Client) fetchToken(ctx context.Context) (*token, error) {
 	return &token{value: resp.Token, refreshAt: received + life/2, expiresAt: received + life}, nil
 }
 
-// validateToken checks a JWT as SPEC §4 says and returns its expiry: HS256
+// validateToken checks a JWT and returns its expiry: HS256
 // signed with the secret key, iss "waitstate", sub the publish key, exp
 // present, 30 s of leeway, and site equal to SiteID when one is set.
 func (c *Client) validateToken(s string) (time.Time, error) {
@@ -202,43 +228,72 @@ func newJWTParser(publishKey string, wall func() time.Time) *jwt.Parser {
 
 // leaseResponse is the body of a signed answer from /v1/pulse or /v1/policy.
 type leaseResponse struct {
-	Policy     json.RawMessage `json:"policy"`
-	LeaseTTLMs json.RawMessage `json:"leaseTtlMs"`
+	Policy          json.RawMessage `json:"policy"`
+	LeaseTTLMs      json.RawMessage `json:"leaseTtlMs"`
+	PulseIntervalMs json.RawMessage `json:"pulseIntervalMs"`
+	SyncIntervalMs  json.RawMessage `json:"syncIntervalMs"`
 }
 
-// maxLease bounds a lease, so that a huge leaseTtlMs cannot overflow.
-const maxLease = 7 * 24 * time.Hour
+// Bounds of what a response can set.
+const (
+	maxLease       = 7 * 24 * time.Hour // so that a huge leaseTtlMs cannot overflow
+	minIntervalSet = 100 * time.Millisecond
+	maxIntervalSet = 10 * time.Minute
+)
 
-// parseLeaseResponse parses a verified body. policy is nil when the body
-// has none ("policy": null or absent). A malformed body wraps
-// ErrBadResponse; a refused policy wraps ErrBadPolicy.
-func (c *Client) parseLeaseResponse(data []byte) (policy *Policy, ttl time.Duration, err error) {
+// parseLeaseResponse parses a verified body. A malformed body wraps
+// ErrBadResponse and a refused policy ErrBadPolicy: the answer is refused
+// whole. The policy is nil when the body has none ("policy": null or
+// absent); a ttl of 0 means the default lease; intervals of 0 leave those
+// in force.
+func parseLeaseResponse(data []byte) (leaseAnswer, error) {
 	var resp leaseResponse
 	if err := json.Unmarshal(data, &resp); err != nil {
-		return nil, 0, fmt.Errorf("%w: %v", ErrBadResponse, err)
+		return leaseAnswer{}, fmt.Errorf("%w: %v", ErrBadResponse, err)
 	}
-	ttl = c.defaultLease()
+	var a leaseAnswer
 	if len(resp.LeaseTTLMs) != 0 && string(resp.LeaseTTLMs) != "null" {
 		ms, err := strconv.ParseFloat(string(resp.LeaseTTLMs), 64)
 		if err != nil || math.IsNaN(ms) {
-			return nil, 0, fmt.Errorf("%w: leaseTtlMs is not a number", ErrBadResponse)
+			return leaseAnswer{}, fmt.Errorf("%w: leaseTtlMs is not a number", ErrBadResponse)
 		}
 		if ms > 0 {
-			ttl = time.Duration(min(ms, float64(maxLease/time.Millisecond))) * time.Millisecond
+			a.ttl = time.Duration(min(ms, float64(maxLease/time.Millisecond))) * time.Millisecond
 		}
 	}
-	if len(resp.Policy) == 0 || string(resp.Policy) == "null" {
-		return nil, ttl, nil
+	var err error
+	if a.pulseEvery, err = parseIntervalMs(resp.PulseIntervalMs, "pulseIntervalMs"); err != nil {
+		return leaseAnswer{}, err
 	}
-	p, err := parsePolicy(resp.Policy)
-	if err != nil {
-		return nil, 0, err
+	if a.syncEvery, err = parseIntervalMs(resp.SyncIntervalMs, "syncIntervalMs"); err != nil {
+		return leaseAnswer{}, err
 	}
-	return p, ttl, nil
+	if len(resp.Policy) != 0 && string(resp.Policy) != "null" {
+		if a.policy, err = parsePolicy(resp.Policy); err != nil {
+			return leaseAnswer{}, err
+		}
+	}
+	return a, nil
 }
 
-// defaultLease is the lease when a response names none: 3 × the longer
-// interval.
-func (c *Client) defaultLease() time.Duration {
-	return 3 * max(c.opts.PulseInterval, c.opts.SyncInterval)
+// parseIntervalMs reads an interval a control plane sets: absent is 0 (no
+// change); a positive JSON integer is clamped to [100 ms, 10 min] (one too
+// large to parse is 10 min); anything else, null included, refuses the
+// answer.
+func parseIntervalMs(raw json.RawMessage, name string) (time.Duration, error) {
+	if raw == nil {
+		return 0, nil
+	}
+	s := string(raw)
+	if s == "" || strings.TrimLeft(s, "0123456789") != "" {
+		return 0, fmt.Errorf("%w: %s must be a positive integer, not %.32s", ErrBadResponse, name, s)
+	}
+	ms, err := strconv.ParseUint(s, 10, 64)
+	switch {
+	case err != nil: // digits only, so: too large
+		return maxIntervalSet, nil
+	case ms == 0:
+		return 0, fmt.Errorf("%w: %s must be a positive integer, not 0", ErrBadResponse, name)
+	}
+	return min(max(time.Duration(min(ms, uint64(maxIntervalSet/time.Millisecond)))*time.Millisecond, minIntervalSet), maxIntervalSet), nil
 }

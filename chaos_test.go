@@ -177,7 +177,7 @@ func TestChaosWallClockJumps(t *testing.T) {
 	var wallOffset atomic.Int64
 	wall := func() time.Time { return time.Now().Add(time.Duration(wallOffset.Load())) }
 	c := idleClientWall(t, mono.read, wall, nil)
-	c.applyLease(&Policy{Version: 1, GlobalMaxWeight: 1}, 10*time.Second, false, 0)
+	c.applyLease(leaseAnswer{policy: &Policy{Version: 1, GlobalMaxWeight: 1}, ttl: 10*time.Second}, false, 0)
 
 	step := func(advance time.Duration, jump time.Duration, want Mode) {
 		t.Helper()
@@ -190,7 +190,7 @@ func TestChaosWallClockJumps(t *testing.T) {
 	step(4*time.Second, -2*time.Hour, ModeEnforcing) // and back before it was granted
 	step(999*time.Millisecond, 0, ModeEnforcing)     // 1 ms before expiry
 	step(time.Millisecond, -time.Hour, ModeSafeMode) // expiry on the monotonic clock
-	c.applyLease(nil, 10*time.Second, true, 0)       // renewed
+	c.applyLease(leaseAnswer{ttl: 10*time.Second}, true, 0)       // renewed
 	step(9*time.Second, 24*time.Hour, ModeEnforcing) // a day's wall jump does not expire it
 	step(time.Second, -48*time.Hour, ModeSafeMode)
 }

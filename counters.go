@@ -1,47 +1,126 @@
 package waitstate
 
 import (
-	"math"
-	"math/bits"
+	"runtime"
 	"strings"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 	"unsafe"
 
 	"github.com/waitstate/waitstate-go/internal/wire"
 )
 
-// Per-window tag tracking (SPEC §3).
+// tagCount is one tag's part of a pulse.
+type tagCount = wire.TagCount
+
+// Per-window tag tracking.
 const (
 	// MaxWindowTags is how many distinct tags one window tracks; further
 	// tags are counted under OtherTag.
 	MaxWindowTags = 1024
 
 	// OtherTag is the reserved tag under which a window counts the tags
-	// beyond its first MaxWindowTags.
+	// beyond its first MaxWindowTags, and every tag longer than
+	// MaxTagNameBytes or not valid UTF-8.
 	OtherTag = "_other"
 )
 
-// tableSize is the tag table's slot count: a power of two, twice
-// MaxWindowTags, so that a probe always finds an empty slot and stays short.
-const tableSize = 2 * MaxWindowTags
+// The tag table is open-addressed with linear probing. It has twice as many
+// slots as a window tracks tags, so it is at most half full, and a lookup
+// reads at most maxProbe slots: a tag whose first maxProbe slots are taken
+// by other tags goes to OtherTag. With a seeded hash and a half-full table
+// a run that long does not happen by chance (the longest run among 1,024
+// tags is about a dozen slots), so the bound only caps what a flood of new
+// tags costs: a handful of slot reads, never a scan of the table.
+const (
+	tableSize = 2 * MaxWindowTags // a power of two
+	maxProbe  = 32
+)
 
-// sealBit marks a counter whose window has been cut. A Gate whose atomic add
-// returns a value with this bit set knows its add was not counted, and
-// counts again in the window that replaced it: that is what makes counting
-// exactly-once without a lock on the hot path.
+// How a window counts without a lock. Gate, ObserveTag and Record write; the
+// pulse goroutine cuts. Each line below is kept by the code named in it.
+//
+//  1. Slots are written once: a slot goes from nil to a tag's counter or to
+//     sealedSlot by one compare-and-swap and never changes again
+//     (window.lookup, window.sweep). So a tag found once is found again, at
+//     the same place.
+//  2. A tag's place is settled once per window, and every call of the tag
+//     in the window is counted there, its own counter or OtherTag's. A tag
+//     that is invalid or spelled OtherTag is never stored. A valid tag is
+//     settled by the compare-and-swap that puts its entry in the table: a
+//     counter holding a place, or, when the window is full while other
+//     inserts are in flight, an overflow marker (window.entry). "Full" is
+//     sticky and an insert counts itself in flight before it asks for a
+//     place, so once the window is full and nothing is in flight the table
+//     cannot gain a counter, and a tag not found in it is settled under
+//     OtherTag without a marker (window.settle). A tag whose first maxProbe
+//     slots are taken stays so: slots never empty (invariant 1). Two
+//     inserts of one tag that race may both hold a place until the loser
+//     gives its back; if the window fills meanwhile it tracks one tag fewer
+//     than MaxWindowTags.
+//  3. Publish before seal: the cut publishes the view of the new window
+//     before it seals anything of the old one (Client.cut). A writer that
+//     finds the old window sealed reloads the view and finds the new one.
+//  4. One seal per window, by the cut that replaces it; a Stats peek never
+//     seals.
+//  5. Counters receive adds of +1 only, and sealing sets their top bit
+//     (tagCounter.seal). An add that returns a value with the bit set counted
+//     nothing; the caller counts again in the window of the current view. The
+//     count below the bit cannot carry into it (2^63 adds).
+//  6. The sweep fills every empty slot with sealedSlot (window.sweep): a tag
+//     registered after the sweep cannot be, so no count lands in a slot the
+//     sweep did not read.
+//  7. Health and metric samples are written under a reservation
+//     (window.enter/exit): begun is incremented before the first write of the
+//     sample and ended after its last. The cut seals begun and waits until
+//     ended has caught up with the count begun had (window.drain) before it
+//     reads any health or metric, or sweeps. A sample whose reservation is
+//     refused reloads the view. So a sample lands whole in exactly one
+//     window: its latency, its error and its tag together, never counted
+//     twice or lost.
+//  8. A sample's writes are plain adds and compare-and-swaps on memory the
+//     window owns; none waits for another writer, and the cut waits only for
+//     reservations already taken, each a few instructions long.
 const sealBit = 1 << 63
 
-// tagCounter counts the calls of one tag in one window, and caches the
-// tag's limit under a policy so that Gate resolves tag → (limit, counter)
-// with a single lookup.
+// window counts Gate calls, health samples and metric samples between two
+// pulses. Lookups and counting never allocate; a tag is registered with one
+// allocation the first time the window sees it, and its health and metrics
+// with one allocation each on their first sample.
+type window struct {
+	seed  uint64
+	start time.Duration // client clock when the window opened
+	slots [tableSize]atomic.Pointer[tagCounter]
+	n        atomic.Int32 // places taken, at most MaxWindowTags
+	full     atomic.Bool  // a tag was refused a place: no more are given
+	inflight atomic.Int32 // inserts holding a place, not yet in a slot or given back
+	other tagCounter   // OtherTag
+	site  tagCounter   // samples with no tag of their own: Observe, Record("")
+
+	writers [writerStripes]writerStripe
+}
+
+func newWindow(seed uint64, start time.Duration) *window {
+	return &window{seed: seed, start: start, other: tagCounter{tag: OtherTag}}
+}
+
+// tagCounter counts the calls of one tag in one window, caches the tag's
+// limit under a policy so that Gate resolves tag → (limit, counter) with a
+// single lookup, and holds the tag's health and metrics once it has some.
 type tagCounter struct {
-	// Read by every Gate of the tag: kept off the written cache line.
-	tag      string
-	overflow bool                     // a marker: the tag came after the window was full
-	lim      atomic.Pointer[tagLimit] // nil for OtherTag, whose tags vary
-	lim0     tagLimit                 // the first lim, allocated with the counter
-	_        [16]byte
+	// Read by every Gate of the tag: kept off the written cache lines.
+	tag     string
+	hash    uint64
+	lim     atomic.Pointer[tagLimit] // nil for OtherTag, whose tags vary
+	lim0    tagLimit                 // the first lim, allocated with the counter
+	health   atomic.Pointer[health]
+	metrics  atomic.Pointer[metricSet]
+	overflow bool // a marker: the tag came when the window was full; it counts under OtherTag
+	_        [7]byte
+
+	turns atomic.Uint64 // calls that passed the weight check: the shedding sequence
+	_     [56]byte
 
 	// Written by every Gate of the tag: striped, so that Gates running on
 	// different cores seldom write the same cache line.
@@ -58,9 +137,9 @@ type stripe struct {
 }
 
 // stripeHint picks a stripe for the calling goroutine from the address of
-// its stack: goroutines have different stacks, so concurrent Gates of one
-// tag mostly write different cache lines, at the cost of a shift and a
-// mask. It is only a hint: any stripe counts correctly.
+// its stack: goroutines have different stacks, so concurrent writers mostly
+// touch different cache lines, at the cost of a shift and a multiply. It is
+// only a hint: any stripe counts correctly.
 //
 //go:nosplit
 func stripeHint() uintptr {
@@ -68,13 +147,6 @@ func stripeHint() uintptr {
 	// Fibonacci hashing of the address above the frame offset: stacks of
 	// any size and alignment spread over all stripes.
 	return uintptr(uint64(uintptr(unsafe.Pointer(&b))>>10) * 0x9E3779B97F4A7C15 >> (64 - 3))
-}
-
-// tagLimit is a tag's limit under one policy.
-type tagLimit struct {
-	policy *Policy
-	limit  float64
-	reason Reason // the denial reason: ReasonTagMaxWeight or ReasonGlobalMaxWeight
 }
 
 // add counts one call. It reports false when the window had already been
@@ -112,76 +184,130 @@ func (t *tagCounter) peek() tagCount {
 	return tc
 }
 
-// tagCount is one tag's counts in a pulse.
-type tagCount = wire.TagCount
-
-// window counts Gate calls between two pulses in a lock-free open-addressing
-// table: lookups and counting never allocate, and a tag is registered with
-// one allocation and a compare-and-swap the first time the window sees it.
-type window struct {
-	seed  uint64
-	slots [tableSize]atomic.Pointer[tagCounter]
-	n     atomic.Int32 // registered tags, at most MaxWindowTags
-	other tagCounter
-	start time.Duration // client clock when the window opened
-}
-
-func newWindow(seed uint64, start time.Duration) *window {
-	return &window{seed: seed, start: start, other: tagCounter{tag: OtherTag}}
-}
-
-// counter returns the counter to count tag in: its own, registered on
-// first sight, or the OtherTag counter once the window tracks
-// MaxWindowTags tags. It returns nil when the window has been sealed before
-// the tag could be registered; the caller then counts in the next window.
-// A new counter caches the tag's limit under p.
-//
-// Whether a tag is tracked is settled once per window by the compare-and-
-// swap that puts its entry in the table, so every call of a tag in a window
-// is counted in the same place, even when two goroutines race to register
-// it as the window fills: the loser finds the winner's entry.
-func (w *window) counter(tag string, p *Policy) *tagCounter {
-	i := tagHash(w.seed, tag) & (tableSize - 1)
+// lookup returns the counter to count tag in: its own, registered on first
+// sight, or OtherTag's when the tag gets no place (invariant 2). It returns
+// nil when the window was swept before the tag could be registered; the
+// caller then counts in the next window. A new counter caches the tag's
+// limit under p.
+func (w *window) lookup(tag string, p *Policy) *tagCounter {
+	if len(tag) > MaxTagNameBytes {
+		return &w.other // never hashed, never stored
+	}
+	h := tagHash(w.seed, tag)
+	i := h & (tableSize - 1)
 	var fresh *tagCounter
-	for range tableSize {
+	for range maxProbe {
 		c := w.slots[i].Load()
 		if c == nil {
 			if fresh == nil {
-				fresh = w.newCounter(tag, p)
+				var settled bool
+				if fresh, settled = w.entry(tag, h, p); fresh == nil {
+					if settled {
+						return &w.other
+					}
+					return w.settle(tag, h)
+				}
 			}
 			if w.slots[i].CompareAndSwap(nil, fresh) {
+				w.inserted(fresh)
 				return w.resolve(fresh)
 			}
-			c = w.slots[i].Load() // another Gate took the slot first
+			c = w.slots[i].Load() // another writer took the slot first
 		}
 		if c == sealedSlot {
-			return nil // the table was sealed: tag is not in it
+			w.discard(fresh)
+			return nil // swept: tag is not in this window
 		}
-		if c.tag == tag {
-			if fresh != nil && !fresh.overflow {
-				w.n.Add(-1) // it registered the same tag: give back our place
-			}
+		if c.hash == h && c.tag == tag {
+			w.discard(fresh) // it registered the same tag
 			return w.resolve(c)
 		}
 		i = (i + 1) & (tableSize - 1)
 	}
-	return &w.other // every slot holds another tag: none can be added
+	w.discard(fresh)
+	return &w.other
 }
 
-// newCounter makes an entry for tag: a counter when one of the window's
-// MaxWindowTags places is free, else an overflow marker that sends the
-// tag's calls to OtherTag.
-func (w *window) newCounter(tag string, p *Policy) *tagCounter {
-	c := &tagCounter{tag: strings.Clone(tag)}
-	if !w.reserve() {
-		c.overflow = true
-		return c
+// entry makes the table entry for a tag not found in it. It returns a
+// counter holding one of the window's places, or an overflow marker that
+// settles the tag under OtherTag, or nil: settled is true when the tag can
+// never be stored (invalid, or spelled OtherTag), false when the window is
+// full and no insert is in flight, so settle can decide without a marker.
+//
+// A marker is needed only while inserts are in flight: one of them may be
+// the same tag, about to take the slot this call found empty, and only a
+// compare-and-swap on that slot can settle which of the two the tag is.
+func (w *window) entry(tag string, h uint64, p *Policy) (c *tagCounter, settled bool) {
+	if tag == OtherTag || !utf8.ValidString(tag) {
+		return nil, true
 	}
-	c.lim0 = p.limitFor(tag)
-	c.lim.Store(&c.lim0)
-	return c
+	w.inflight.Add(1) // before reserve: settle must see us (invariant 2)
+	if w.reserve() {
+		c = &tagCounter{tag: strings.Clone(tag), hash: h}
+		c.lim0 = p.limitFor(tag)
+		c.lim.Store(&c.lim0)
+		return c, false
+	}
+	w.inflight.Add(-1)
+	if w.inflight.Load() == 0 {
+		return nil, false
+	}
+	return &tagCounter{tag: strings.Clone(tag), hash: h, overflow: true}, false
 }
 
+// reserve takes one of the window's MaxWindowTags places; a refusal makes
+// the window full for good.
+func (w *window) reserve() bool {
+	for !w.full.Load() {
+		n := w.n.Load()
+		if n >= MaxWindowTags {
+			w.full.Store(true)
+			return false
+		}
+		if w.n.CompareAndSwap(n, n+1) {
+			return true
+		}
+	}
+	return false
+}
+
+// settle finds where a tag goes once the window is full and no insert is
+// in flight: no tag can get a place any more, so the table holds all it
+// will ever hold. The tag is counted where it is found, else under OtherTag.
+func (w *window) settle(tag string, h uint64) *tagCounter {
+	i := h & (tableSize - 1)
+	for range maxProbe {
+		c := w.slots[i].Load()
+		switch {
+		case c == nil:
+			return &w.other
+		case c == sealedSlot:
+			return nil
+		case c.hash == h && c.tag == tag:
+			return w.resolve(c)
+		}
+		i = (i + 1) & (tableSize - 1)
+	}
+	return &w.other
+}
+
+// inserted ends the insert of an entry that took its slot.
+func (w *window) inserted(c *tagCounter) {
+	if !c.overflow {
+		w.inflight.Add(-1)
+	}
+}
+
+// discard ends the insert of an entry that was never stored, giving back
+// its place.
+func (w *window) discard(c *tagCounter) {
+	if c != nil && !c.overflow {
+		w.n.Add(-1)
+		w.inflight.Add(-1)
+	}
+}
+
+// resolve is where an entry's calls are counted.
 func (w *window) resolve(c *tagCounter) *tagCounter {
 	if c.overflow {
 		return &w.other
@@ -189,74 +315,14 @@ func (w *window) resolve(c *tagCounter) *tagCounter {
 	return c
 }
 
+// sealedSlot fills the empty slots of a swept window, so that no tag can be
+// registered in it once its counters have been read.
+var sealedSlot = new(tagCounter)
+
 // tracked reports whether a slot holds a tag's own counter: not empty, not
 // sealed, not an overflow marker.
 func (t *tagCounter) tracked() bool {
 	return t != nil && t != sealedSlot && !t.overflow
-}
-
-// sealedSlot fills the empty slots of a sealed window, so that no tag can
-// be registered in it once its counters have been read.
-var sealedSlot = new(tagCounter)
-
-// tagHash is a seeded 64-bit hash of a tag, built like wyhash from 64×64→128
-// multiplications: every byte is read, and with a random seed the table's
-// slots cannot be predicted from outside. It is here rather than
-// hash/maphash because Gate hashes every call, and this inlines its short
-// cases, which is a third of Gate's cost.
-func tagHash(seed uint64, s string) uint64 {
-	const (
-		k0 = 0xa0761d6478bd642f
-		k1 = 0xe7037ed1a0b428db
-		k2 = 0x8ebc6af09c88c6e3
-	)
-	n := len(s)
-	var a, b uint64
-	switch {
-	case n > 16:
-		for rest := s; len(rest) > 16; rest = rest[16:] {
-			seed = mix64(le64(rest)^k1, le64(rest[8:])^seed)
-		}
-		a, b = le64(s[n-16:]), le64(s[n-8:])
-	case n >= 8:
-		a, b = le64(s), le64(s[n-8:])
-	case n >= 4:
-		a, b = le32(s), le32(s[n-4:])
-	case n > 0:
-		a = uint64(s[0])<<16 | uint64(s[n>>1])<<8 | uint64(s[n-1])
-	}
-	return mix64(a^k1^uint64(n), mix64(b^seed, k2)^k0)
-}
-
-func mix64(a, b uint64) uint64 {
-	hi, lo := bits.Mul64(a, b)
-	return hi ^ lo
-}
-
-// le64 and le32 read little-endian words; the compiler turns each into a
-// single load.
-func le64(s string) uint64 {
-	_ = s[7]
-	return uint64(s[0]) | uint64(s[1])<<8 | uint64(s[2])<<16 | uint64(s[3])<<24 |
-		uint64(s[4])<<32 | uint64(s[5])<<40 | uint64(s[6])<<48 | uint64(s[7])<<56
-}
-
-func le32(s string) uint64 {
-	_ = s[3]
-	return uint64(s[0]) | uint64(s[1])<<8 | uint64(s[2])<<16 | uint64(s[3])<<24
-}
-
-// reserve takes one of the window's MaxWindowTags places.
-func (w *window) reserve() bool {
-	for {
-		n := w.n.Load()
-		if n >= MaxWindowTags {
-			return false
-		}
-		if w.n.CompareAndSwap(n, n+1) {
-			return true
-		}
-	}
 }
 
 // relimit caches every registered tag's limit under p, so that Gate keeps a
@@ -271,32 +337,10 @@ func (w *window) relimit(p *Policy) {
 	}
 }
 
-// windowCounts is what a window counted.
-type windowCounts struct {
-	usage, bounced uint64
-	tags           map[string]tagCount
-}
-
-// collect reads every counter, freezing them when seal is set (the window
-// is being cut) or not (a Stats peek). Sealing also fills every empty slot,
-// so a Gate that registers a tag after the sweep finds the window sealed
-// and counts in the next one: no count can land where collect did not
-// look. A user tag spelled like OtherTag is merged into it.
-func (w *window) collect(seal bool) windowCounts {
-	wc := windowCounts{tags: make(map[string]tagCount, w.n.Load()+1)}
-	read := func(c *tagCounter) {
-		tc := c.peek()
-		if seal {
-			tc = c.seal()
-		}
-		if tc.Usage == 0 && tc.Bounced == 0 {
-			return
-		}
-		wc.usage += tc.Usage
-		wc.bounced += tc.Bounced
-		prev := wc.tags[c.tag]
-		wc.tags[c.tag] = tagCount{Usage: prev.Usage + tc.Usage, Bounced: prev.Bounced + tc.Bounced}
-	}
+// counters returns every counter of the window: its tags', OtherTag's and
+// the site's. With seal set it first fills the empty slots (invariant 6).
+func (w *window) counters(seal bool) []*tagCounter {
+	out := make([]*tagCounter, 0, w.n.Load()+2)
 	for i := range w.slots {
 		c := w.slots[i].Load()
 		if c == nil && seal {
@@ -306,112 +350,129 @@ func (w *window) collect(seal bool) windowCounts {
 			c = w.slots[i].Load() // a Gate registered a tag just now
 		}
 		if c.tracked() {
-			read(c)
+			out = append(out, c)
 		}
 	}
-	read(&w.other)
+	return append(out, &w.other, &w.site)
+}
+
+// writerStripes spreads the reservations of health and metric samples over
+// cache lines, as counterStripes does for counts.
+const writerStripes = 8
+
+type writerStripe struct {
+	begun atomic.Uint64 // reservations taken; sealBit once the window is cut
+	ended atomic.Uint64 // reservations whose sample is written
+	_     [48]byte
+}
+
+// enter reserves the right to write one sample into w (invariant 7). It
+// returns nil when w has been cut: the caller reloads the view.
+func (w *window) enter() *writerStripe {
+	s := &w.writers[stripeHint()]
+	if s.begun.Add(1)&sealBit != 0 {
+		return nil
+	}
+	return s
+}
+
+// exit ends a reservation taken with enter.
+func (s *writerStripe) exit() { s.ended.Add(1) }
+
+// drain refuses new reservations and waits for those taken to end
+// (invariant 7). Only the cut calls it, once per window.
+func (w *window) drain() {
+	for i := range w.writers {
+		s := &w.writers[i]
+		n := s.begun.Or(sealBit) &^ sealBit
+		for spins := 0; s.ended.Load() < n; spins++ {
+			// A writer holds a reservation for a few instructions; if it
+			// was descheduled inside them, let it run.
+			if spins < 100 {
+				runtime.Gosched()
+			} else {
+				time.Sleep(50 * time.Microsecond)
+			}
+		}
+	}
+}
+
+// extra returns where a sample for tag goes: the site's own counter for tag
+// "" (it has no health or metrics of its own), else the tag's counter,
+// registered if new. Call it only under a reservation: the window cannot be
+// swept meanwhile, so it never returns nil.
+func (w *window) extra(tag string, p *Policy) *tagCounter {
+	if tag == "" {
+		return &w.site
+	}
+	return w.lookup(tag, p)
+}
+
+// windowCounts is what a window counted.
+type windowCounts struct {
+	usage, bounced uint64
+	tags           map[string]tagCount
+}
+
+// count reads every counter, freezing them when seal is set (the window is
+// being cut) or not (a Stats peek). Only tags with calls are listed.
+func (w *window) count(seal bool) windowCounts {
+	wc := windowCounts{tags: make(map[string]tagCount, w.n.Load()+1)}
+	for _, c := range w.counters(seal) {
+		if c == &w.site {
+			continue // samples only: Gate never counts here
+		}
+		tc := c.peek()
+		if seal {
+			tc = c.seal()
+		}
+		if tc.Usage == 0 && tc.Bounced == 0 {
+			continue
+		}
+		wc.usage += tc.Usage
+		wc.bounced += tc.Bounced
+		wc.tags[c.tag] = tc
+	}
 	return wc
 }
 
-// Latency histogram: log-linear buckets, 32 per power of two of
-// microseconds, so a bucket's midpoint is within 1/64 (1.6 %) of every value
-// in it. Values below 32 µs have exact buckets.
-const (
-	histSubBits = 5
-	histSub     = 1 << histSubBits
-	histBuckets = (64 - histSubBits + 1) * histSub
-)
-
-// histogram is cumulative and lock-free; a window's figures are the
-// difference between two snapshots, so nothing is ever reset under a writer.
-type histogram struct {
-	requests atomic.Uint64
-	errors   atomic.Uint64
-	buckets  [histBuckets]atomic.Uint64
+// windowReport is a cut window as a pulse carries it.
+type windowReport struct {
+	windowCounts
+	health  *wire.Health           // every sample; nil without samples
+	metrics map[string]wire.Metric // the site's own; nil without samples
 }
 
-func histIndex(us uint64) int {
-	if us < histSub {
-		return int(us)
-	}
-	e := bits.Len64(us) - 1 // e >= histSubBits
-	sub := (us >> (e - histSubBits)) & (histSub - 1)
-	return (e-histSubBits+1)<<histSubBits | int(sub)
-}
-
-// histMid is the midpoint of bucket i, in microseconds.
-func histMid(i int) float64 {
-	if i < histSub {
-		return float64(i)
-	}
-	e := i>>histSubBits + histSubBits - 1
-	sub := uint64(i & (histSub - 1))
-	low := (histSub + sub) << (e - histSubBits)
-	width := uint64(1) << (e - histSubBits)
-	return float64(low) + float64(width-1)/2
-}
-
-func (h *histogram) observe(latency time.Duration, failed bool) {
-	us := uint64(max(latency, 0) / time.Microsecond)
-	h.buckets[histIndex(us)].Add(1)
-	if failed {
-		h.errors.Add(1)
-	}
-	h.requests.Add(1) // last, so a snapshot never has more requests than samples
-}
-
-// histSnapshot is a histogram's cumulative state at one moment.
-type histSnapshot struct {
-	requests, errors uint64
-	buckets          [histBuckets]uint64
-}
-
-func (h *histogram) snapshot(s *histSnapshot) {
-	s.requests = h.requests.Load()
-	s.errors = h.errors.Load()
-	for i := range h.buckets {
-		s.buckets[i] = h.buckets[i].Load()
-	}
-}
-
-// healthJSON is the pulse's health object.
-type healthJSON = wire.Health
-
-// healthBetween returns the health of the samples taken between prev and
-// cur, or nil when there were none.
-func healthBetween(prev, cur *histSnapshot) *healthJSON {
-	var delta [histBuckets]uint64
-	var n uint64
-	top := -1
-	for i := range delta {
-		delta[i] = cur.buckets[i] - prev.buckets[i]
-		if delta[i] != 0 {
-			n += delta[i]
-			top = i
-		}
-	}
-	if n == 0 {
-		return nil
-	}
-	quantile := func(q float64) float64 {
-		rank := uint64(math.Ceil(q * float64(n)))
-		var seen uint64
-		for i, d := range delta {
-			seen += d
-			if seen >= rank {
-				return histMid(i) / 1000
+// report closes the window for good: it waits for the samples being
+// written (invariant 7), sweeps and seals the counters (invariants 4–6),
+// and reads every count, health and metric. Only the cut calls it, after
+// publishing the next window (invariant 3).
+func (w *window) report() windowReport {
+	w.drain()
+	r := windowReport{windowCounts: windowCounts{tags: make(map[string]tagCount, w.n.Load()+1)}}
+	var site, one healthSum
+	for _, c := range w.counters(true) {
+		tc := c.seal()
+		if h := c.health.Load(); h != nil {
+			one = healthSum{}
+			one.add(h)
+			site.merge(&one)
+			if c != &w.site {
+				tc.Health = one.wire()
 			}
 		}
-		return histMid(top) / 1000
+		if c == &w.site {
+			r.metrics = c.metrics.Load().wire()
+			continue
+		}
+		tc.Metrics = c.metrics.Load().wire()
+		if tc.Usage == 0 && tc.Bounced == 0 && tc.Health == nil && tc.Metrics == nil {
+			continue
+		}
+		r.usage += tc.Usage
+		r.bounced += tc.Bounced
+		r.tags[c.tag] = tc
 	}
-	return &healthJSON{
-		Requests: cur.requests - prev.requests,
-		Errors:   cur.errors - prev.errors,
-		LatencyMs: wire.Latency{
-			P50: quantile(0.50),
-			P95: quantile(0.95),
-			P99: quantile(0.99),
-			Max: histMid(top) / 1000,
-		},
-	}
+	r.health = site.wire()
+	return r
 }

@@ -9,17 +9,19 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/waitstate/waitstate-go/internal/wire"
 )
 
 func TestWindowTagCap(t *testing.T) {
 	w := newWindow(42, 0)
 	p := DefaultPolicy()
 	for i := range MaxWindowTags + 300 {
-		require.True(t, w.counter(fmt.Sprintf("tag-%d", i), p).add(i%2 == 0))
+		require.True(t, w.lookup(fmt.Sprintf("tag-%d", i), p).add(i%2 == 0))
 	}
 	// A tag the window already tracks is still its own after the cap.
-	require.True(t, w.counter("tag-0", p).add(true))
-	got := w.collect(true)
+	require.True(t, w.lookup("tag-0", p).add(true))
+	got := w.report()
 	assert.Len(t, got.tags, MaxWindowTags+1)
 	assert.Equal(t, tagCount{Usage: 150, Bounced: 150}, got.tags[OtherTag])
 	assert.Equal(t, tagCount{Usage: 2}, got.tags["tag-0"])
@@ -28,19 +30,22 @@ func TestWindowTagCap(t *testing.T) {
 
 	// Each window tracks its own first tags.
 	w2 := newWindow(42, 0)
-	w2.counter("late-tag", p).add(true)
-	assert.Equal(t, map[string]tagCount{"late-tag": {Usage: 1}}, w2.collect(true).tags)
+	w2.lookup("late-tag", p).add(true)
+	assert.Equal(t, map[string]tagCount{"late-tag": {Usage: 1}}, w2.report().tags)
 }
 
 func TestWindowUserOtherTagIsMerged(t *testing.T) {
 	w := newWindow(1, 0)
 	p := DefaultPolicy()
-	w.counter(OtherTag, p).add(true)
+	w.lookup(OtherTag, p).add(true)
 	for i := range MaxWindowTags + 1 {
-		w.counter(fmt.Sprint(i), p).add(false)
+		w.lookup(fmt.Sprint(i), p).add(false)
 	}
-	got := w.collect(true)
-	assert.Equal(t, tagCount{Usage: 1, Bounced: 2}, got.tags[OtherTag])
+	got := w.report()
+	// The user's "_other" takes none of the window's places: of the 1,025
+	// other tags only the last one overflows.
+	assert.Equal(t, tagCount{Usage: 1, Bounced: 1}, got.tags[OtherTag])
+	assert.Len(t, got.tags, MaxWindowTags+1)
 }
 
 func TestWindowConcurrentRegistration(t *testing.T) {
@@ -50,12 +55,12 @@ func TestWindowConcurrentRegistration(t *testing.T) {
 	for g := range 8 {
 		wg.Go(func() {
 			for i := range 2000 {
-				w.counter(fmt.Sprint(i), p).add(g%2 == 0)
+				w.lookup(fmt.Sprint(i), p).add(g%2 == 0)
 			}
 		})
 	}
 	wg.Wait()
-	got := w.collect(true)
+	got := w.report()
 	assert.Len(t, got.tags, MaxWindowTags+1)
 	assert.EqualValues(t, 4*2000, got.usage)
 	assert.EqualValues(t, 4*2000, got.bounced)
@@ -68,7 +73,7 @@ func TestWindowConcurrentRegistration(t *testing.T) {
 
 func TestSealedCounterRefusesAdds(t *testing.T) {
 	w := newWindow(3, 0)
-	c := w.counter("a", DefaultPolicy())
+	c := w.lookup("a", DefaultPolicy())
 	require.True(t, c.add(true))
 	assert.Equal(t, tagCount{Usage: 1}, c.seal())
 	assert.False(t, c.add(true), "an add after the seal must report that it did not count")
@@ -78,10 +83,10 @@ func TestSealedCounterRefusesAdds(t *testing.T) {
 func TestSealedWindowRefusesNewTags(t *testing.T) {
 	w := newWindow(3, 0)
 	p := DefaultPolicy()
-	w.counter("a", p).add(true)
-	w.collect(true)
-	assert.Nil(t, w.counter("b", p), "a tag first seen after the seal must go to the next window")
-	c := w.counter("a", p)
+	w.lookup("a", p).add(true)
+	w.report()
+	assert.Nil(t, w.lookup("b", p), "a tag first seen after the seal must go to the next window")
+	c := w.lookup("a", p)
 	require.NotNil(t, c)
 	assert.False(t, c.add(true))
 	assert.False(t, w.other.add(true))
@@ -119,35 +124,53 @@ func TestTagHashSpreads(t *testing.T) {
 }
 
 func TestHistogramRelativeError(t *testing.T) {
-	for _, us := range []uint64{0, 1, 31, 32, 33, 63, 64, 100, 999, 1000, 12345, 1 << 20, 123456789, 1 << 40, math.MaxUint64 >> 1} {
-		i := histIndex(us)
-		require.Less(t, i, histBuckets)
-		mid := histMid(i)
+	for _, us := range []uint64{0, 1, 15, 16, 31, 32, 33, 63, 64, 100, 999, 1000, 12345, 1 << 20, 123456789, fineMaxUs} {
+		i := fineIndex(us)
+		require.Less(t, i, fineBuckets)
+		mid := fineMid(i)
 		if us == 0 {
 			assert.Zero(t, mid)
 			continue
 		}
 		rel := math.Abs(mid-float64(us)) / float64(us)
-		assert.LessOrEqual(t, rel, 0.05, "value %d µs, bucket %d, midpoint %v", us, i, mid)
+		assert.LessOrEqual(t, rel, 1.0/32, "value %d µs, bucket %d, midpoint %v", us, i, mid)
 	}
-	// Buckets are ordered.
+	assert.Equal(t, fineBuckets-1, fineIndex(math.MaxUint64), "beyond the range: the last bucket")
 	prev := -1.0
-	for i := range histBuckets {
-		assert.Greater(t, histMid(i), prev)
-		prev = histMid(i)
+	for i := range fineBuckets {
+		assert.Greater(t, fineMid(i), prev, "buckets are ordered")
+		prev = fineMid(i)
+		// Every fine bucket lies inside one bucket of the wire scheme, so
+		// the histogram a pulse sends is exact.
+		lo, hi := fineLower(i), fineLower(i+1)-1
+		if i == fineBuckets-1 {
+			hi = fineMaxUs
+		}
+		assert.Equal(t, wire.HistIndex(lo), wire.HistIndex(hi), "fine bucket %d [%d, %d] spans wire buckets", i, lo, hi)
+		assert.Equal(t, i, fineIndex(lo))
+		assert.Equal(t, i, fineIndex(hi))
 	}
 }
 
-func TestHealthQuantiles(t *testing.T) {
-	var h histogram
-	var prev, cur histSnapshot
-	h.snapshot(&prev)
-	assert.Nil(t, healthBetween(&prev, &prev), "no samples, no health")
-	for ms := 1; ms <= 1000; ms++ {
-		h.observe(time.Duration(ms)*time.Millisecond, ms%100 == 0)
+// sampleHealth returns the pulse health of the samples in ms.
+func sampleHealth(ms []int, failedEvery int) *wire.Health {
+	var h health
+	for i, v := range ms {
+		h.observe(time.Duration(v)*time.Millisecond, failedEvery > 0 && (i+1)%failedEvery == 0)
 	}
-	h.snapshot(&cur)
-	got := healthBetween(&prev, &cur)
+	var s healthSum
+	s.add(&h)
+	return s.wire()
+}
+
+func TestHealthQuantiles(t *testing.T) {
+	var empty healthSum
+	assert.Nil(t, empty.wire(), "no samples, no health")
+	var ms []int
+	for v := 1; v <= 1000; v++ {
+		ms = append(ms, v)
+	}
+	got := sampleHealth(ms, 100)
 	require.NotNil(t, got)
 	assert.EqualValues(t, 1000, got.Requests)
 	assert.EqualValues(t, 10, got.Errors)
@@ -156,13 +179,13 @@ func TestHealthQuantiles(t *testing.T) {
 	} {
 		assert.InEpsilon(t, q.want, q.got, 0.05)
 	}
-
-	// The next window sees only its own samples.
-	prev = cur
-	h.observe(2*time.Second, false)
-	h.snapshot(&cur)
-	got = healthBetween(&prev, &cur)
-	assert.EqualValues(t, 1, got.Requests)
-	assert.InEpsilon(t, 2000, got.LatencyMs.P50, 0.05)
-	assert.InEpsilon(t, 2000, got.LatencyMs.Max, 0.05)
+	// The histogram sent is the wire scheme's, exactly: every sample in the
+	// bucket the scheme gives its latency.
+	require.NotNil(t, got.Histogram)
+	assert.Equal(t, "loglinear-us-8", got.Histogram.Scheme)
+	want := map[string]uint64{}
+	for _, v := range ms {
+		want[wire.BucketKey(wire.HistIndex(uint64(v)*1000))]++
+	}
+	assert.Equal(t, want, got.Histogram.Counts)
 }

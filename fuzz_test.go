@@ -7,6 +7,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"errors"
+	"maps"
 	"math"
 	"net/http"
 	"net/http/httptest"
@@ -21,9 +22,10 @@ import (
 // testdata/fuzz; .ci/run fuzzes each for a few seconds on top of them.
 
 // FuzzParsePolicy: any input is either refused with ErrBadPolicy or gives a
-// policy within the limits of SPEC §4 that survives a round trip.
+// policy within the limits that survives a round trip.
 func FuzzParsePolicy(f *testing.F) {
 	f.Add([]byte(`{"version": 17, "globalMaxWeight": 5, "tagMaxWeights": {"enterprise": "Infinity", "free": 0}}`))
+	f.Add([]byte(`{"version": 3, "globalShedPercent": 12.5, "tagShedPercents": {"pro": 50, "free": 100}}`))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		p, err := parsePolicy(data)
 		if err != nil {
@@ -44,7 +46,8 @@ func FuzzParsePolicy(f *testing.F) {
 		if err != nil {
 			t.Fatalf("round trip refused %s: %v", again, err)
 		}
-		if q.Version != p.Version || q.GlobalMaxWeight != p.GlobalMaxWeight || len(q.TagMaxWeights) != len(p.TagMaxWeights) {
+		if q.Version != p.Version || q.GlobalMaxWeight != p.GlobalMaxWeight || len(q.TagMaxWeights) != len(p.TagMaxWeights) ||
+			q.GlobalShedPercent != p.GlobalShedPercent || !maps.Equal(q.TagShedPercents, p.TagShedPercents) {
 			t.Fatalf("round trip changed %+v into %+v", p, q)
 		}
 		for tag, w := range p.TagMaxWeights {
@@ -64,8 +67,8 @@ func checkPolicy(t *testing.T, p *Policy) {
 	if !(p.GlobalMaxWeight >= 0) {
 		t.Fatalf("global weight %v", p.GlobalMaxWeight)
 	}
-	if len(p.TagMaxWeights) > MaxPolicyTags {
-		t.Fatalf("%d tags", len(p.TagMaxWeights))
+	if err := p.Validate(); err != nil {
+		t.Fatalf("accepted a policy that Validate refuses: %v", err)
 	}
 	for tag, w := range p.TagMaxWeights {
 		if len(tag) > MaxTagNameBytes || !(w >= 0) || math.Signbit(w) {
@@ -80,33 +83,38 @@ func checkPolicy(t *testing.T, p *Policy) {
 // the lease — and an accepted policy is within the limits.
 func FuzzResponse(f *testing.F) {
 	f.Add([]byte(`{"policy": {"version": 9, "globalMaxWeight": 1}, "leaseTtlMs": 60000}`), true, "")
+	f.Add([]byte(`{"policy": null, "pulseIntervalMs": 250, "syncIntervalMs": 99999999999999999999999}`), true, "")
 	c := idleClient(f, nil, nil)
 	held := &Policy{Version: 5, GlobalMaxWeight: 3, TagMaxWeights: map[string]float64{"free": 0}}
 	const path, nonce = wire.PathPulse, "0123456789abcdef0123456789abcdef"
 	f.Fuzz(func(t *testing.T, body []byte, sign bool, signature string) {
-		c.applyLease(held, time.Hour, false, c.pulseGenNow()) // a known state: v5, enforcing
+		c.applyLease(leaseAnswer{policy: held, ttl: time.Hour}, false, c.pulseGenNow()) // a known state: v5, enforcing
 		c.mu.Lock()
 		deadline := c.leaseDeadline
 		c.mu.Unlock()
 		if sign {
-			signature = wire.Sign(testSecretKey, wire.ResponseCanonical(path, nonce, body))
+			signature = wire.Sign(testSecretKey, wire.ResponseCanonical(path, nonce, c.identity(), body))
 		}
-		want := wire.Sign(testSecretKey, wire.ResponseCanonical(path, nonce, body))
+		want := wire.Sign(testSecretKey, wire.ResponseCanonical(path, nonce, c.identity(), body))
 		err := c.verifyResponse(path, nonce, signature, body)
 		if err == nil && (len(body) > maxResponseBody || !strings.EqualFold(signature, want)) {
 			t.Fatalf("accepted an answer with signature %q", signature)
 		}
 		if err == nil {
-			var p *Policy
-			var ttl time.Duration
-			if p, ttl, err = c.parseLeaseResponse(body); err == nil {
-				if p != nil {
-					checkPolicy(t, p)
+			var a leaseAnswer
+			if a, err = parseLeaseResponse(body); err == nil {
+				if a.policy != nil {
+					checkPolicy(t, a.policy)
 				}
-				if ttl <= 0 || ttl > maxLease {
-					t.Fatalf("lease %v", ttl)
+				if a.ttl < 0 || a.ttl > maxLease {
+					t.Fatalf("lease %v", a.ttl)
 				}
-				c.applyLease(p, ttl, true, 0)
+				for _, d := range []time.Duration{a.pulseEvery, a.syncEvery} {
+					if d != 0 && (d < minIntervalSet || d > maxIntervalSet) {
+						t.Fatalf("interval %v outside [%v, %v]", d, minIntervalSet, maxIntervalSet)
+					}
+				}
+				c.applyLease(a, true, 0)
 				return
 			}
 		}
@@ -120,7 +128,7 @@ func FuzzResponse(f *testing.F) {
 }
 
 // FuzzToken: a token the client accepts is HS256, signed with the secret
-// key, and has the issuer, subject, expiry and site SPEC §4 requires;
+// key, and has the issuer, subject, expiry and site the protocol requires;
 // anything else is refused with ErrBadToken.
 func FuzzToken(f *testing.F) {
 	f.Add("not.a.jwt")

@@ -1,6 +1,7 @@
 package waitstate
 
 import (
+	"fmt"
 	"math"
 	"sync/atomic"
 	"time"
@@ -9,42 +10,39 @@ import (
 // Mode is how a Client answers Gate.
 type Mode int32
 
-// The modes of SPEC §3.
+// The modes, in the order a client normally passes through them.
 const (
 	// ModeFailOpen allows everything: no policy has been applied yet, or
 	// the control plane has never answered usefully.
 	ModeFailOpen Mode = iota
 	// ModeEnforcing answers with the policy in force, whose lease is valid.
 	ModeEnforcing
-	// ModeSafeMode caps admissions at Options.SafeModeMaxRPS per second:
-	// the lease of the last policy expired without renewal.
+	// ModeSafeMode answers as Options.SafeMode says: the lease of the last
+	// policy expired without renewal.
 	ModeSafeMode
 )
 
+var modeNames = [...]string{ModeFailOpen: "fail_open", ModeEnforcing: "enforcing", ModeSafeMode: "safe_mode"}
+
 // String returns "fail_open", "enforcing" or "safe_mode", the names used on
 // the wire.
-func (m Mode) String() string {
-	switch m {
-	case ModeFailOpen:
-		return "fail_open"
-	case ModeEnforcing:
-		return "enforcing"
-	case ModeSafeMode:
-		return "safe_mode"
-	}
-	return "unknown"
-}
+func (m Mode) String() string { return enumName(modeNames[:], int(m)) }
+
+// MarshalText returns the mode's wire name, so that Stats marshals to
+// readable JSON.
+func (m Mode) MarshalText() ([]byte, error) { return marshalEnum(modeNames[:], int(m), "mode") }
 
 // Reason says why Gate answered as it did.
 type Reason uint8
 
-// The reasons of SPEC §2.
+// The reasons.
 const (
 	ReasonAllowed         Reason = iota // allowed by the policy in force
 	ReasonFailOpen                      // allowed: fail-open mode
 	ReasonGlobalMaxWeight               // denied: weight above GlobalMaxWeight
 	ReasonTagMaxWeight                  // denied: weight above the tag's limit
-	ReasonSafeMode                      // allowed: within the safe-mode rate
+	ReasonThrottled                     // denied: within the limit, but among the calls shed
+	ReasonSafeMode                      // allowed in safe mode
 	ReasonSafeModeLimit                 // denied: safe-mode rate exhausted
 )
 
@@ -53,22 +51,78 @@ var reasonNames = [...]string{
 	ReasonFailOpen:        "fail_open",
 	ReasonGlobalMaxWeight: "global_max_weight",
 	ReasonTagMaxWeight:    "tag_max_weight",
+	ReasonThrottled:       "throttled",
 	ReasonSafeMode:        "safe_mode",
 	ReasonSafeModeLimit:   "safe_mode_limit",
 }
 
 // String returns the reason's wire name, such as "tag_max_weight".
-func (r Reason) String() string {
-	if int(r) < len(reasonNames) {
-		return reasonNames[r]
+func (r Reason) String() string { return enumName(reasonNames[:], int(r)) }
+
+// MarshalText returns the reason's wire name.
+func (r Reason) MarshalText() ([]byte, error) { return marshalEnum(reasonNames[:], int(r), "reason") }
+
+// SafeModeStrategy says how Gate answers in safe mode, once a lease has
+// expired without renewal: the control plane has been unreachable, or its
+// answers refused, for longer than the lease.
+type SafeModeStrategy int
+
+// The safe-mode strategies.
+const (
+	// SafeModeFixedRPS admits Options.SafeModeMaxRPS calls per second, with
+	// a burst of one second's worth, whatever the tag or weight: reasons
+	// safe_mode and safe_mode_limit. It is the zero value.
+	SafeModeFixedRPS SafeModeStrategy = iota
+	// SafeModeLastPolicy keeps answering with the last policy, shedding
+	// included, as if its lease had not expired.
+	SafeModeLastPolicy
+	// SafeModeOpen allows every call, with reason safe_mode.
+	SafeModeOpen
+)
+
+var strategyNames = [...]string{SafeModeFixedRPS: "fixed_rps", SafeModeLastPolicy: "last_policy", SafeModeOpen: "open"}
+
+// String returns "fixed_rps", "last_policy" or "open".
+func (s SafeModeStrategy) String() string { return enumName(strategyNames[:], int(s)) }
+
+// MarshalText returns the strategy's name.
+func (s SafeModeStrategy) MarshalText() ([]byte, error) {
+	return marshalEnum(strategyNames[:], int(s), "safe-mode strategy")
+}
+
+// UnmarshalText accepts "fixed_rps", "last_policy" or "open".
+func (s *SafeModeStrategy) UnmarshalText(text []byte) error {
+	for i, name := range strategyNames {
+		if string(text) == name {
+			*s = SafeModeStrategy(i)
+			return nil
+		}
+	}
+	return fmt.Errorf("waitstate: unknown safe-mode strategy %q (want fixed_rps, last_policy or open)", text)
+}
+
+func enumName(names []string, i int) string {
+	if i >= 0 && i < len(names) {
+		return names[i]
 	}
 	return "unknown"
+}
+
+func marshalEnum(names []string, i int, what string) ([]byte, error) {
+	if i < 0 || i >= len(names) {
+		return nil, fmt.Errorf("waitstate: no %s numbered %d", what, i)
+	}
+	return []byte(names[i]), nil
 }
 
 // GateResult is a Gate decision.
 type GateResult struct {
 	// Allowed reports whether the work may proceed.
 	Allowed bool
+	// Shadowed is set in shadow mode (Options.Shadow) on a call that was
+	// allowed only because of it: Reason says why it would have been
+	// denied.
+	Shadowed bool
 	// Reason says why.
 	Reason Reason
 	// Limit is the weight limit the call was held against: +Inf when there
@@ -76,53 +130,95 @@ type GateResult struct {
 	Limit float64
 }
 
+// answer is how a view answers Gate.
+type answer uint8
+
+const (
+	answerFailOpen answer = iota // allow, ReasonFailOpen
+	answerPolicy                 // the policy: enforcing, or safe mode with SafeModeLastPolicy
+	answerSafeRate               // safe mode with SafeModeFixedRPS
+	answerSafeOpen               // safe mode with SafeModeOpen
+)
+
 // view is an immutable snapshot of everything Gate needs. The client
 // replaces it whole, so Gate reads it with one atomic load.
 type view struct {
 	mode   Mode
+	answer answer
 	policy *Policy // in force: DefaultPolicy until one is applied
 	win    *window // nil once the client is shut down: nothing is counted
 }
 
+var failOpen = GateResult{Allowed: true, Reason: ReasonFailOpen, Limit: math.Inf(1)}
+
 // Gate decides whether work of weight for tag may proceed, and counts the
-// call once: into usage when allowed, into bounced when denied. It never
-// blocks, takes no lock, does no I/O and allocates nothing, except once per
-// window for a tag the window has not yet seen. A NaN or negative weight
-// counts as 1.
+// call once: into usage when allowed, into bounced when denied, globally
+// and under its tag. It never blocks, takes no lock, does no I/O and
+// allocates nothing, except once per window for a tag the window has not
+// yet seen. A NaN or negative weight counts as 1. A tag longer than
+// MaxTagNameBytes or not valid UTF-8 is counted under OtherTag.
+//
+// In shadow mode (Options.Shadow) Gate decides and counts as usual but
+// always allows: a call it would have denied has Shadowed set.
 //
 // After Shutdown, Gate keeps answering from the last state and counts
 // nothing.
 func (c *Client) Gate(tag string, weight float64) GateResult {
 	v := c.view.Load()
-	var ctr *tagCounter
-	if v.win != nil {
-		ctr = v.win.counter(tag, v.policy)
+	ctr := v.win.lookupLive(tag, v.policy)
+	for v.win != nil && ctr == nil {
+		// The window was swept before the tag got a place: the view of the
+		// next one is already published.
+		v = c.view.Load()
+		ctr = v.win.lookupLive(tag, v.policy)
 	}
 	var r GateResult
-	switch v.mode {
-	case ModeEnforcing:
-		w := normWeight(weight)
+	switch v.answer {
+	case answerPolicy:
+		var l tagLimit
 		if ctr != nil {
-			if l := ctr.lim.Load(); l != nil && l.policy == v.policy {
-				r = l.decide(w) // the single-lookup path
-				break
+			if cached := ctr.lim.Load(); cached != nil && cached.policy == v.policy {
+				l = *cached // the single-lookup path
+			} else {
+				l = v.policy.limitFor(tag)
 			}
+		} else {
+			l = v.policy.limitFor(tag)
 		}
-		r = v.policy.decide(tag, w)
-	case ModeSafeMode:
+		r = l.decide(normWeight(weight))
+		if r.Allowed && l.shed > 0 && ctr != nil && shedTurn(ctr.turns.Add(1), l.shed) {
+			r = GateResult{Allowed: false, Reason: ReasonThrottled, Limit: l.limit}
+		}
+	case answerSafeRate:
 		r = c.safe.gate(c.clock())
+	case answerSafeOpen:
+		r = GateResult{Allowed: true, Reason: ReasonSafeMode, Limit: math.Inf(1)}
 	default:
-		r = GateResult{Allowed: true, Reason: ReasonFailOpen, Limit: math.Inf(1)}
+		r = failOpen
 	}
-	for v.win != nil && (ctr == nil || !ctr.add(r.Allowed)) {
+	for ctr != nil && !ctr.add(r.Allowed) {
 		// The window was cut between the load and the add: count in the
 		// window that replaced it. Rare, and bounded by the cut rate.
 		v = c.view.Load()
-		if v.win != nil {
-			ctr = v.win.counter(tag, v.policy)
+		ctr = v.win.lookupLive(tag, v.policy)
+		for v.win != nil && ctr == nil {
+			v = c.view.Load()
+			ctr = v.win.lookupLive(tag, v.policy)
 		}
 	}
+	if !r.Allowed && c.opts.Shadow {
+		r.Allowed, r.Shadowed = true, true
+	}
 	return r
+}
+
+// lookupLive is lookup on a window that may be nil (the client is shut
+// down); it then returns nil.
+func (w *window) lookupLive(tag string, p *Policy) *tagCounter {
+	if w == nil {
+		return nil
+	}
+	return w.lookup(tag, p)
 }
 
 // limiter is the lock-free GCRA limiter of safe mode: rate admissions per

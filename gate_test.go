@@ -18,11 +18,33 @@ func TestModeAndReasonNames(t *testing.T) {
 	assert.Equal(t, "enforcing", ModeEnforcing.String())
 	assert.Equal(t, "safe_mode", ModeSafeMode.String())
 	assert.Equal(t, "unknown", Mode(9).String())
-	want := []string{"allowed", "fail_open", "global_max_weight", "tag_max_weight", "safe_mode", "safe_mode_limit"}
+	want := []string{"allowed", "fail_open", "global_max_weight", "tag_max_weight", "throttled", "safe_mode", "safe_mode_limit"}
 	for i, name := range want {
 		assert.Equal(t, name, Reason(i).String())
+		text, err := Reason(i).MarshalText()
+		assert.NoError(t, err)
+		assert.Equal(t, name, string(text))
 	}
 	assert.Equal(t, "unknown", Reason(200).String())
+	_, err := Reason(200).MarshalText()
+	assert.Error(t, err, "no wire name to marshal")
+
+	for i, name := range []string{"fixed_rps", "last_policy", "open"} {
+		s := SafeModeStrategy(i)
+		assert.Equal(t, name, s.String())
+		var back SafeModeStrategy
+		text, err := s.MarshalText()
+		require.NoError(t, err)
+		require.NoError(t, back.UnmarshalText(text))
+		assert.Equal(t, s, back)
+	}
+	var s SafeModeStrategy
+	assert.Error(t, s.UnmarshalText([]byte("closed")))
+
+	// Stats marshals to readable JSON: the mode by its wire name.
+	b, err := json.Marshal(Stats{Mode: ModeSafeMode})
+	require.NoError(t, err)
+	assert.Contains(t, string(b), `"Mode":"safe_mode"`)
 }
 
 // TestGateAllocatesNothing is the allocation guard of the hot path: once a
@@ -38,7 +60,7 @@ func TestGateAllocatesNothing(t *testing.T) {
 	gateAll()
 	assert.Zero(t, testing.AllocsPerRun(500, gateAll), "fail_open")
 
-	c.applyLease(benchPolicy, time.Hour, false, 0)
+	c.applyLease(leaseAnswer{policy: benchPolicy, ttl: time.Hour}, false, 0)
 	assert.Zero(t, testing.AllocsPerRun(500, gateAll), "enforcing")
 
 	c.mu.Lock()
@@ -64,15 +86,15 @@ func TestGateAllocatesNothing(t *testing.T) {
 
 func TestGateEnforcesPolicy(t *testing.T) {
 	c := idleClient(t, nil, &Policy{Version: 4, GlobalMaxWeight: 5, TagMaxWeights: map[string]float64{"free": 0}})
-	assert.Equal(t, GateResult{false, ReasonTagMaxWeight, 0}, c.Gate("free", 1))
-	assert.Equal(t, GateResult{true, ReasonAllowed, 5}, c.Gate("pro", 5))
-	assert.Equal(t, GateResult{false, ReasonGlobalMaxWeight, 5}, c.Gate("pro", 6))
+	assert.Equal(t, GateResult{false, false, ReasonTagMaxWeight, 0}, c.Gate("free", 1))
+	assert.Equal(t, GateResult{true, false, ReasonAllowed, 5}, c.Gate("pro", 5))
+	assert.Equal(t, GateResult{false, false, ReasonGlobalMaxWeight, 5}, c.Gate("pro", 6))
 
 	// A new policy mid-window: cached limits follow it.
-	c.applyLease(&Policy{Version: 5, GlobalMaxWeight: 1, TagMaxWeights: map[string]float64{"pro": 10}}, time.Hour, false, 0)
-	assert.Equal(t, GateResult{true, ReasonAllowed, 1}, c.Gate("free", 1))
-	assert.Equal(t, GateResult{true, ReasonAllowed, 10}, c.Gate("pro", 6))
-	assert.Equal(t, GateResult{false, ReasonGlobalMaxWeight, 1}, c.Gate("new", 2))
+	c.applyLease(leaseAnswer{policy: &Policy{Version: 5, GlobalMaxWeight: 1, TagMaxWeights: map[string]float64{"pro": 10}}, ttl: time.Hour}, false, 0)
+	assert.Equal(t, GateResult{true, false, ReasonAllowed, 1}, c.Gate("free", 1))
+	assert.Equal(t, GateResult{true, false, ReasonAllowed, 10}, c.Gate("pro", 6))
+	assert.Equal(t, GateResult{false, false, ReasonGlobalMaxWeight, 1}, c.Gate("new", 2))
 	s := c.Stats()
 	assert.EqualValues(t, 3, s.Usage)
 	assert.EqualValues(t, 3, s.Bounced)
@@ -145,7 +167,7 @@ func TestCountExactAcrossCuts(t *testing.T) {
 	assert.Greater(t, wantUsage+wantBounced, uint64(1000), "the goroutines ran")
 
 	// After the final cut Gate answers and counts nothing.
-	assert.Equal(t, GateResult{false, ReasonTagMaxWeight, 0}, c.Gate("free", 1))
+	assert.Equal(t, GateResult{false, false, ReasonTagMaxWeight, 0}, c.Gate("free", 1))
 	assert.Equal(t, wantUsage, c.Stats().Usage)
 	assert.Equal(t, wantBounced, c.Stats().Bounced)
 }
@@ -168,14 +190,14 @@ func TestSafeModeLimiter(t *testing.T) {
 		}
 	}
 	assert.Equal(t, 50, allowed, "a burst of one second's worth")
-	assert.Equal(t, GateResult{false, ReasonSafeModeLimit, inf}, l.gate(clk.read()))
+	assert.Equal(t, GateResult{false, false, ReasonSafeModeLimit, inf}, l.gate(clk.read()))
 
 	// Then 50 per second: one every 20 ms.
 	allowed = 0
 	for range 1000 { // 10 s in 10 ms steps
 		clk.advance(10 * time.Millisecond)
 		if r := l.gate(clk.read()); r.Allowed {
-			assert.Equal(t, GateResult{true, ReasonSafeMode, inf}, r)
+			assert.Equal(t, GateResult{true, false, ReasonSafeMode, inf}, r)
 			allowed++
 		}
 		l.gate(clk.read())
@@ -199,43 +221,43 @@ func TestApplyLeaseVersionRules(t *testing.T) {
 	c := idleClient(t, nil, nil)
 	v := func(n int64) *Policy { return &Policy{Version: n, GlobalMaxWeight: float64(n)} }
 
-	c.applyLease(nil, time.Hour, true, 0)
+	c.applyLease(leaseAnswer{ttl: time.Hour}, true, 0)
 	assert.Equal(t, ModeFailOpen, c.Mode(), "no policy held: nothing to renew")
 
-	c.applyLease(v(3), time.Hour, true, 0)
+	c.applyLease(leaseAnswer{policy: v(3), ttl: time.Hour}, true, 0)
 	assert.EqualValues(t, 3, c.Policy().Version, "a pulse can bring the first policy")
 	assert.Equal(t, ModeEnforcing, c.Mode())
 
-	c.applyLease(v(3), time.Hour, true, 0)
-	c.applyLease(v(2), time.Hour, true, 0)
+	c.applyLease(leaseAnswer{policy: v(3), ttl: time.Hour}, true, 0)
+	c.applyLease(leaseAnswer{policy: v(2), ttl: time.Hour}, true, 0)
 	assert.EqualValues(t, 3, c.Policy().Version, "a pulse brings only newer policies")
 
 	gen := c.pulseGenNow()
-	c.applyLease(v(1), time.Hour, false, gen)
+	c.applyLease(leaseAnswer{policy: v(1), ttl: time.Hour}, false, gen)
 	assert.EqualValues(t, 1, c.Policy().Version, "the GET is authoritative: a restarted control plane is followed")
 
 	gen = c.pulseGenNow()
-	c.applyLease(v(9), time.Hour, true, 0) // a pulse answered while the GET was in flight
-	c.applyLease(v(4), time.Hour, false, gen)
+	c.applyLease(leaseAnswer{policy: v(9), ttl: time.Hour}, true, 0) // a pulse answered while the GET was in flight
+	c.applyLease(leaseAnswer{policy: v(4), ttl: time.Hour}, false, gen)
 	assert.EqualValues(t, 9, c.Policy().Version, "the GET never undoes a newer policy a pulse applied meanwhile")
 
 	gen = c.pulseGenNow()
-	c.applyLease(v(12), time.Hour, false, gen)
+	c.applyLease(leaseAnswer{policy: v(12), ttl: time.Hour}, false, gen)
 	assert.EqualValues(t, 12, c.Policy().Version)
 }
 
 func TestLeaseExpiryAndRenewal(t *testing.T) {
 	c := idleClient(t, nil, nil)
-	c.applyLease(&Policy{Version: 2, GlobalMaxWeight: 0}, 50*time.Millisecond, false, 0)
+	c.applyLease(leaseAnswer{policy: &Policy{Version: 2, GlobalMaxWeight: 0}, ttl: 50*time.Millisecond}, false, 0)
 	assert.Equal(t, ModeEnforcing, c.Mode())
 	eventually(t, func() bool { return c.Mode() == ModeSafeMode }, "the lease timer enters safe mode")
 	assert.EqualValues(t, 2, c.Policy().Version, "Policy() is the last applied one in safe mode too")
 	r := c.Gate("x", 1e9)
-	assert.Equal(t, GateResult{true, ReasonSafeMode, inf}, r)
+	assert.Equal(t, GateResult{true, false, ReasonSafeMode, inf}, r)
 
-	c.applyLease(nil, time.Hour, true, 0) // a renewal without a new policy
+	c.applyLease(leaseAnswer{ttl: time.Hour}, true, 0) // a renewal without a new policy
 	assert.Equal(t, ModeEnforcing, c.Mode())
-	assert.Equal(t, GateResult{false, ReasonGlobalMaxWeight, 0}, c.Gate("x", 1))
+	assert.Equal(t, GateResult{false, false, ReasonGlobalMaxWeight, 0}, c.Gate("x", 1))
 }
 
 // TestLeaseRunsOnTheClientClock: the lease is measured on the monotonic
@@ -244,7 +266,7 @@ func TestLeaseExpiryAndRenewal(t *testing.T) {
 func TestLeaseRunsOnTheClientClock(t *testing.T) {
 	var clk fakeClock
 	c := idleClient(t, clk.read, nil)
-	c.applyLease(&Policy{Version: 1, GlobalMaxWeight: 1}, 20*time.Millisecond, false, 0)
+	c.applyLease(leaseAnswer{policy: &Policy{Version: 1, GlobalMaxWeight: 1}, ttl: 20*time.Millisecond}, false, 0)
 	c.leaseExpired() // the timer fired but the clock has not moved
 	assert.Equal(t, ModeEnforcing, c.Mode())
 	clk.advance(20 * time.Millisecond)

@@ -154,7 +154,7 @@ func idleClientWall(tb testing.TB, clock func() time.Duration, wall func() time.
 		_ = c.Shutdown(ctx) // nothing listens: the flush fails at once
 	})
 	if p != nil {
-		c.applyLease(p, time.Hour, false, 0)
+		c.applyLease(leaseAnswer{policy: p, ttl: time.Hour}, false, 0)
 	}
 	return c
 }

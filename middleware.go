@@ -34,9 +34,9 @@ func ResultFromContext(ctx context.Context) (GateResult, bool) {
 
 // HTTPMiddleware returns middleware that gates each request before the next
 // handler runs. A denied request goes to opts.Denied; an allowed one is
-// served and recorded as one health sample (Observe): its latency, failed
-// when the status is 5xx or the handler panics. A panic is re-raised once
-// it is recorded.
+// served and recorded as one health sample of its tag's traffic
+// (ObserveTag): its latency, failed when the status is 5xx or the handler
+// panics. A panic is re-raised once it is recorded.
 func (c *Client) HTTPMiddleware(opts MiddlewareOptions) func(http.Handler) http.Handler {
 	return func(next http.Handler) http.Handler {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -61,7 +61,7 @@ func (c *Client) HTTPMiddleware(opts MiddlewareOptions) func(http.Handler) http.
 			start := time.Now()
 			defer func() {
 				p := recover()
-				c.Observe(time.Since(start), p != nil || sw.status >= 500)
+				c.ObserveTag(tag, time.Since(start), p != nil || sw.status >= 500)
 				if p != nil {
 					panic(p)
 				}
@@ -77,7 +77,7 @@ func (c *Client) HTTPMiddleware(opts MiddlewareOptions) func(http.Handler) http.
 func (c *Client) deny(w http.ResponseWriter, res GateResult) {
 	retry := 1
 	if res.Reason != ReasonSafeModeLimit {
-		retry = max(1, int(math.Ceil(c.opts.PulseInterval.Seconds())))
+		retry = max(1, int(math.Ceil(c.pulseInterval().Seconds())))
 	}
 	h := w.Header()
 	h.Set("Retry-After", strconv.Itoa(retry))

@@ -56,7 +56,7 @@ func TestMiddleware(t *testing.T) {
 	rec := serve("pro", "/?w=5")
 	assert.Equal(t, http.StatusOK, rec.Code)
 	assert.Equal(t, "ok", rec.Body.String())
-	assert.Equal(t, GateResult{true, ReasonAllowed, 5}, seen)
+	assert.Equal(t, GateResult{true, false, ReasonAllowed, 5}, seen)
 
 	rec = serve("free", "/?w=1")
 	assert.Equal(t, http.StatusTooManyRequests, rec.Code)
@@ -97,7 +97,7 @@ func TestMiddlewareDefaultsAndDeniedHandler(t *testing.T) {
 	rec := httptest.NewRecorder()
 	mw(http.NotFoundHandler()).ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/", nil))
 	assert.Equal(t, http.StatusServiceUnavailable, rec.Code)
-	assert.Equal(t, GateResult{false, ReasonTagMaxWeight, 2}, denied, "a nil Tag is the tag \"\"")
+	assert.Equal(t, GateResult{false, false, ReasonTagMaxWeight, 2}, denied, "a nil Tag is the tag \"\"")
 
 	rec = httptest.NewRecorder()
 	c.HTTPMiddleware(MiddlewareOptions{})(http.NotFoundHandler()).ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/", nil))
@@ -109,9 +109,10 @@ func TestMiddlewareDefaultsAndDeniedHandler(t *testing.T) {
 
 func TestDenyRetryAfter(t *testing.T) {
 	c := idleClient(t, nil, nil)
-	c.opts.PulseInterval = 2500 * time.Millisecond
+	c.pulseEvery.Store(int64(2500 * time.Millisecond)) // the interval in force, as a control plane may set it
 	for reason, want := range map[Reason]string{
 		ReasonSafeModeLimit:   "1",
+		ReasonThrottled:       "3",
 		ReasonTagMaxWeight:    "3",
 		ReasonGlobalMaxWeight: "3",
 	} {

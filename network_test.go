@@ -20,6 +20,9 @@ import (
 	"github.com/waitstate/waitstate-go/internal/wire"
 )
 
+// uuidPattern matches a UUID version 4 in canonical form.
+const uuidPattern = `^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$`
+
 // closedURL is the address of a loopback port nothing listens on.
 func closedURL(t *testing.T) string {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
@@ -48,10 +51,10 @@ func TestNetworkFailOpenWhenUnreachable(t *testing.T) {
 	assert.Less(t, time.Since(start), 100*time.Millisecond, "New never waits on the network")
 
 	assert.Equal(t, ModeFailOpen, c.Mode())
-	assert.Equal(t, GateResult{true, ReasonFailOpen, math.Inf(1)}, c.Gate("free", 1e9))
+	assert.Equal(t, GateResult{true, false, ReasonFailOpen, math.Inf(1)}, c.Gate("free", 1e9))
 	eventually(t, func() bool { s := c.Stats(); return s.SyncsFailed >= 3 && s.PulsesFailed >= 2 }, "syncs and pulses keep failing")
 	assert.Equal(t, ModeFailOpen, c.Mode())
-	assert.Equal(t, GateResult{true, ReasonFailOpen, math.Inf(1)}, c.Gate("free", 1e9))
+	assert.Equal(t, GateResult{true, false, ReasonFailOpen, math.Inf(1)}, c.Gate("free", 1e9))
 	assert.Equal(t, DefaultPolicy(), c.Policy())
 
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
@@ -107,9 +110,9 @@ func TestProtocolEnforcingWithEveryInfinityForm(t *testing.T) {
 			assert.EqualValues(t, 7, p.Version)
 			assert.True(t, math.IsInf(p.GlobalMaxWeight, 1))
 			assert.True(t, math.IsInf(p.TagMaxWeights["ent"], 1))
-			assert.Equal(t, GateResult{true, ReasonAllowed, math.Inf(1)}, c.Gate("ent", math.MaxFloat64))
-			assert.Equal(t, GateResult{true, ReasonAllowed, math.Inf(1)}, c.Gate("pro", 1e300))
-			assert.Equal(t, GateResult{false, ReasonTagMaxWeight, 0}, c.Gate("free", 1))
+			assert.Equal(t, GateResult{true, false, ReasonAllowed, math.Inf(1)}, c.Gate("ent", math.MaxFloat64))
+			assert.Equal(t, GateResult{true, false, ReasonAllowed, math.Inf(1)}, c.Gate("pro", 1e300))
+			assert.Equal(t, GateResult{false, false, ReasonTagMaxWeight, 0}, c.Gate("free", 1))
 		})
 	}
 	t.Run("absent globalMaxWeight", func(t *testing.T) {
@@ -117,7 +120,7 @@ func TestProtocolEnforcingWithEveryInfinityForm(t *testing.T) {
 		cp.SetPolicyJSON("", `{"version": 1}`)
 		c, _ := startClient(t, testOptions(cp))
 		waitReady(t, c)
-		assert.Equal(t, GateResult{true, ReasonAllowed, math.Inf(1)}, c.Gate("any", 1e300))
+		assert.Equal(t, GateResult{true, false, ReasonAllowed, math.Inf(1)}, c.Gate("any", 1e300))
 	})
 }
 
@@ -137,13 +140,13 @@ func TestProtocolBadPoliciesRefusedWhole(t *testing.T) {
 		eventually(t, func() bool { return c.Stats().PolicyErrors >= before+3 }, "%s: refused", name)
 		assert.Equal(t, want, c.Policy(), name)
 		assert.Equal(t, ModeEnforcing, c.Mode(), name)
-		assert.Equal(t, GateResult{false, ReasonTagMaxWeight, 0}, c.Gate("free", 1), name)
+		assert.Equal(t, GateResult{false, false, ReasonTagMaxWeight, 0}, c.Gate("free", 1), name)
 	}
 	assert.Contains(t, logs.String(), "invalid policy")
 
 	cp.SetPolicy("", controlplane.Policy{Version: 2, GlobalMaxWeight: 9})
 	eventually(t, func() bool { return c.Policy().Version == 2 }, "a good policy is applied again")
-	assert.Equal(t, GateResult{true, ReasonAllowed, 9}, c.Gate("free", 1))
+	assert.Equal(t, GateResult{true, false, ReasonAllowed, 9}, c.Gate("free", 1))
 }
 
 func TestProtocolNullPolicyFromGetIsAnError(t *testing.T) {
@@ -284,7 +287,7 @@ func TestSafeMode(t *testing.T) {
 			opts.SafeModeMaxRPS = 40
 			c, logs := startClient(t, opts)
 			waitReady(t, c)
-			assert.Equal(t, GateResult{false, ReasonGlobalMaxWeight, 0}, c.Gate("x", 1))
+			assert.Equal(t, GateResult{false, false, ReasonGlobalMaxWeight, 0}, c.Gate("x", 1))
 
 			cp.SetPolicy("", controlplane.Policy{Version: 2, GlobalMaxWeight: 0})
 			cp.SetFaults(fault)
@@ -302,9 +305,9 @@ func TestSafeMode(t *testing.T) {
 				last = time.Now()
 				if r.Allowed {
 					allowed++
-					require.Equal(t, GateResult{true, ReasonSafeMode, math.Inf(1)}, r)
+					require.Equal(t, GateResult{true, false, ReasonSafeMode, math.Inf(1)}, r)
 				} else {
-					require.Equal(t, GateResult{false, ReasonSafeModeLimit, math.Inf(1)}, r)
+					require.Equal(t, GateResult{false, false, ReasonSafeModeLimit, math.Inf(1)}, r)
 				}
 				time.Sleep(time.Millisecond)
 			}
@@ -314,7 +317,7 @@ func TestSafeMode(t *testing.T) {
 			cp.SetFaults(controlplane.Faults{})
 			eventually(t, func() bool { return c.Mode() == ModeEnforcing }, "a renewal returns to enforcing")
 			eventually(t, func() bool { return c.Policy().Version == 2 }, "and the new policy applies")
-			assert.Equal(t, GateResult{false, ReasonGlobalMaxWeight, 0}, c.Gate("x", 1))
+			assert.Equal(t, GateResult{false, false, ReasonGlobalMaxWeight, 0}, c.Gate("x", 1))
 			assert.Contains(t, logs.String(), "enforcing again")
 		})
 	}
@@ -431,8 +434,9 @@ func TestProtocolPulseShape(t *testing.T) {
 		keys = append(keys, k)
 	}
 	assert.ElementsMatch(t, []string{"instanceId", "sdk", "seq", "windowEndMs", "windowMs", "mode", "policyVersion",
-		"usageDelta", "bouncedDelta", "usageTotal", "bouncedTotal", "tags", "health"}, keys)
-	assert.Regexp(t, `^[0-9a-f]{32}$`, p.InstanceID)
+		"usageDelta", "bouncedDelta", "usageTotal", "bouncedTotal", "tags", "health", "shadow"}, keys)
+	assert.Regexp(t, uuidPattern, p.InstanceID, "a random UUID v4 by default")
+	assert.False(t, p.Shadow)
 	assert.Equal(t, "waitstate-go/"+Version, p.SDK)
 	assert.EqualValues(t, 1, p.Seq)
 	assert.Equal(t, "enforcing", p.Mode)
@@ -459,13 +463,13 @@ func TestProtocolPulseShape(t *testing.T) {
 		assert.Equal(t, http.StatusOK, r.Status, "%s %s", r.Method, r.Path)
 		assert.Equal(t, UserAgent, r.Header.Get("User-Agent"))
 		assert.Equal(t, testPublishKey, r.Header.Get(wire.HeaderKey))
-		assert.Regexp(t, `^[0-9a-f]{32}$`, r.Header.Get(wire.HeaderInstance))
+		assert.Regexp(t, uuidPattern, r.Header.Get(wire.HeaderInstance))
 		nonce := r.Header.Get(wire.HeaderNonce)
 		assert.Regexp(t, `^[0-9a-f]{32}$`, nonce)
 		assert.False(t, nonces[nonce], "a fresh nonce per request")
 		nonces[nonce] = true
 		if r.Method == http.MethodPost {
-			assert.Regexp(t, `^v1=[0-9a-f]{64}$`, r.Header.Get(wire.HeaderSignature))
+			assert.Regexp(t, `^v2=[0-9a-f]{64}$`, r.Header.Get(wire.HeaderSignature))
 			assert.NotEmpty(t, r.Header.Get(wire.HeaderTimestamp))
 		} else {
 			assert.Regexp(t, `^Bearer ey`, r.Header.Get("Authorization"))
@@ -547,6 +551,7 @@ func TestProtocolTokenRefreshAtHalfLife(t *testing.T) {
 
 func TestProtocolRetryAfter(t *testing.T) {
 	cp := newPlane(t)
+	cp.SetLeaseTTL(time.Minute) // a lease long enough for the Retry-After to be honoured whole
 	cp.SetPolicy("", controlplane.Policy{Version: 1, GlobalMaxWeight: 5})
 	c, _ := startClient(t, testOptions(cp))
 	waitReady(t, c)
@@ -585,7 +590,7 @@ func TestNetworkShutdown(t *testing.T) {
 	assert.EqualValues(t, 1, got.Bounced)
 
 	n := len(cp.Requests())
-	assert.Equal(t, GateResult{false, ReasonGlobalMaxWeight, 5}, c.Gate("a", 9), "Gate answers after Shutdown")
+	assert.Equal(t, GateResult{false, false, ReasonGlobalMaxWeight, 5}, c.Gate("a", 9), "Gate answers after Shutdown")
 	c.Observe(time.Second, true)
 	s := c.Stats()
 	assert.EqualValues(t, 1, s.Usage, "and counts nothing")
@@ -660,7 +665,7 @@ func TestNetworkSecretsNeverAppear(t *testing.T) {
 	}
 	all := logs.String() + strings.Join(errs, "\n")
 	assert.NotEmpty(t, errs)
-	for _, secret := range []string{testSecretKey, "url-password-1234", "v1=", "Bearer", "eyJ"} {
+	for _, secret := range []string{testSecretKey, "url-password-1234", "v2=", "Bearer", "eyJ"} {
 		assert.NotContains(t, all, secret)
 	}
 }
@@ -707,6 +712,7 @@ func TestCountDroppedWindows(t *testing.T) {
 
 func TestProtocolRetryAfterOnSync(t *testing.T) {
 	cp := newPlane(t)
+	cp.SetLeaseTTL(time.Minute)
 	cp.SetPolicy("", controlplane.Policy{Version: 1, GlobalMaxWeight: 5})
 	c, _ := startClient(t, testOptions(cp))
 	waitReady(t, c)

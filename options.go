@@ -7,6 +7,8 @@ import (
 	"os"
 	"strings"
 	"time"
+
+	"github.com/waitstate/waitstate-go/internal/wire"
 )
 
 // Defaults applied by New to zero-valued Options fields.
@@ -44,8 +46,9 @@ type Options struct {
 	// If zero, DefaultSyncInterval. Negative is an error.
 	SyncInterval time.Duration
 
-	// SafeModeMaxRPS caps admissions per second once a lease has expired,
-	// with a burst of one second's worth. If zero, DefaultSafeModeMaxRPS.
+	// SafeModeMaxRPS is the rate of SafeModeFixedRPS: admissions per second
+	// once a lease has expired, with a burst of one second's worth. If
+	// zero, DefaultSafeModeMaxRPS.
 	SafeModeMaxRPS uint64
 
 	// HTTPClient sends the requests. If nil, the client uses its own
@@ -55,6 +58,45 @@ type Options struct {
 
 	// Logger receives state changes and errors. If nil, nothing is logged.
 	Logger *slog.Logger
+
+	// InstanceID names this client in every request and pulse. A stable
+	// name (pod, host) makes a fleet's pulses readable; it must be at most
+	// 256 bytes of printable ASCII without spaces. If empty, a random UUID
+	// version 4.
+	InstanceID string
+
+	// SafeMode says how Gate answers once a lease has expired without
+	// renewal. The zero value is SafeModeFixedRPS.
+	SafeMode SafeModeStrategy
+
+	// Shadow runs the client as a dry run: Gate decides and counts as usual
+	// but always allows, marking a call it would have denied with
+	// GateResult.Shadowed; pulses say so, so a control plane can tell a dry
+	// run's denials from real ones. If false, Gate enforces.
+	Shadow bool
+
+	// InitialPolicy, when set, is in force from New, enforcing and without
+	// a lease, until the control plane's first policy replaces it whatever
+	// either version is. It never expires into safe mode, Ready returns at
+	// once, and OnPolicyApplied is not called for it. If nil, the client
+	// fails open until the first policy. It must pass Policy.Validate.
+	InitialPolicy *Policy
+
+	// Offline starts no goroutine and sends nothing: Gate answers from
+	// InitialPolicy, or fails open, and counts show in Stats. The keys are
+	// not required. If false, the client talks to the control plane.
+	Offline bool
+
+	// OnModeChange, if set, is called on each change of mode, with the
+	// mode before and after. Callbacks run one at a time, in the order of
+	// the changes, on the client's background goroutines, never under a
+	// lock and never on the Gate path; a panic in one is recovered and
+	// logged. Keep them short, and do not call Shutdown or Close from one.
+	OnModeChange func(from, to Mode)
+
+	// OnPolicyApplied, if set, is called with a copy of each policy applied
+	// from the control plane, as OnModeChange is.
+	OnPolicyApplied func(p *Policy)
 }
 
 // Environment variables read by OptionsFromEnv.
@@ -85,20 +127,32 @@ func OptionsFromEnv() (Options, error) {
 	return opts, nil
 }
 
-// maxSiteIDLen bounds SiteID, like a policy's tag names.
+// maxSiteIDLen bounds SiteID and InstanceID, like a policy's tag names.
 const maxSiteIDLen = 256
 
 // withDefaults validates o and returns it with every default applied.
 // Errors wrap ErrInvalidOptions and never quote the secret key.
 func (o Options) withDefaults() (Options, *url.URL, error) {
-	if o.PublishKey == "" {
+	if o.PublishKey == "" && !o.Offline {
 		return o, nil, optionError("PublishKey is required")
 	}
 	if !validHeaderValue(o.PublishKey) {
 		return o, nil, optionError("PublishKey must be printable ASCII without spaces")
 	}
-	if o.SecretKey == "" {
+	if o.SecretKey == "" && !o.Offline {
 		return o, nil, optionError("SecretKey is required")
+	}
+	if len(o.InstanceID) > maxSiteIDLen || !validHeaderValue(o.InstanceID) {
+		return o, nil, optionError("InstanceID must be at most %d bytes of printable ASCII without spaces", maxSiteIDLen)
+	}
+	if o.SafeMode < SafeModeFixedRPS || o.SafeMode > SafeModeOpen {
+		return o, nil, optionError("SafeMode %d is not a SafeModeStrategy", int(o.SafeMode))
+	}
+	if o.InitialPolicy != nil {
+		if err := o.InitialPolicy.Validate(); err != nil {
+			return o, nil, optionError("InitialPolicy: %v", err)
+		}
+		o.InitialPolicy = o.InitialPolicy.Clone()
 	}
 	if len(o.SiteID) > maxSiteIDLen || !validHeaderValue(o.SiteID) {
 		return o, nil, optionError("SiteID must be at most %d bytes of printable ASCII without spaces", maxSiteIDLen)
@@ -139,6 +193,9 @@ func (o Options) withDefaults() (Options, *url.URL, error) {
 	}
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.InstanceID == "" {
+		o.InstanceID = wire.RandomUUID()
 	}
 	return o, u, nil
 }

@@ -6,21 +6,26 @@ import (
 	"fmt"
 	"maps"
 	"math"
-	"slices"
 	"strconv"
 	"strings"
+
+	"github.com/waitstate/waitstate-go/internal/wire"
 )
 
-// Limits on a policy received from the control plane (SPEC §4). A policy
-// beyond them is refused whole.
+// Limits on a policy. A policy beyond them is refused whole.
 const (
-	MaxPolicyTags   = 10000
+	// MaxPolicyTags bounds the distinct tag names of TagMaxWeights and
+	// TagShedPercents together.
+	MaxPolicyTags = 10000
+	// MaxTagNameBytes bounds a tag name, in a policy and in Gate: a longer
+	// tag is counted under OtherTag.
 	MaxTagNameBytes = 256
 )
 
-// Policy is what the control plane decides: a global maximum weight and
-// per-tag maximum weights. A Gate call is allowed when its weight is at most
-// the limit for its tag.
+// Policy is what the control plane decides: weight limits, and the share of
+// calls to shed ("throttle to 50 %" sheds 50 %), globally and per tag. A
+// Gate call is allowed when its weight is at most its tag's limit and it is
+// not among the calls shed.
 //
 // The zero Policy has GlobalMaxWeight 0 and denies every positive weight;
 // DefaultPolicy is the fail-open one. A Policy held by a Client is never
@@ -36,17 +41,28 @@ type Policy struct {
 	// TagMaxWeights holds per-tag limits. An entry replaces the global
 	// limit for its tag, so it may be higher as well as lower.
 	TagMaxWeights map[string]float64
+
+	// GlobalShedPercent, from 0 to 100, is the share of the calls that pass
+	// the weight check to shed anyway, for a tag without an entry in
+	// TagShedPercents. Shedding is even, not random: at 25 % one call in
+	// four is shed.
+	GlobalShedPercent float64
+
+	// TagShedPercents holds per-tag shed percents; an entry replaces
+	// GlobalShedPercent for its tag.
+	TagShedPercents map[string]float64
 }
 
-// DefaultPolicy returns the fail-open policy: version 0, no tag limits, and
-// an unlimited global weight.
+// DefaultPolicy returns the fail-open policy: version 0, no tag limits, an
+// unlimited global weight, nothing shed.
 func DefaultPolicy() *Policy {
 	return &Policy{GlobalMaxWeight: math.Inf(1)}
 }
 
-// Gate decides a call of weight for tag against p. It is pure: no I/O, no
-// allocation, no counting. A NaN or negative weight counts as 1. A nil p
-// behaves as DefaultPolicy.
+// Gate decides a call of weight for tag against p's weight limits. It is
+// pure: no I/O, no allocation, no counting, and so no shedding, which needs
+// a client's count of the tag's calls. A NaN or negative weight counts as
+// 1. A nil p behaves as DefaultPolicy.
 //
 // It is the form of the SDK to use without a Client, for example with a
 // policy loaded from a file.
@@ -54,26 +70,36 @@ func (p *Policy) Gate(tag string, weight float64) GateResult {
 	if p == nil {
 		return GateResult{Allowed: true, Reason: ReasonAllowed, Limit: math.Inf(1)}
 	}
-	return p.decide(tag, normWeight(weight))
-}
-
-// decide is Gate for a weight already normalised.
-func (p *Policy) decide(tag string, weight float64) GateResult {
 	l := p.limitFor(tag)
-	return l.decide(weight)
+	return l.decide(normWeight(weight))
 }
 
-// limitFor resolves tag's limit: its own entry, else the global one.
+// tagLimit is a tag's limit and shed fraction under one policy.
+type tagLimit struct {
+	policy *Policy
+	limit  float64
+	reason Reason  // the denial reason: ReasonTagMaxWeight or ReasonGlobalMaxWeight
+	shed   float64 // 0 to 1
+}
+
+// limitFor resolves tag's limit and shed fraction: its own entries, else
+// the global ones.
 func (p *Policy) limitFor(tag string) tagLimit {
 	if p == nil {
 		return tagLimit{limit: math.Inf(1), reason: ReasonGlobalMaxWeight}
 	}
+	l := tagLimit{policy: p, limit: p.GlobalMaxWeight, reason: ReasonGlobalMaxWeight, shed: p.GlobalShedPercent / 100}
 	if len(p.TagMaxWeights) != 0 {
-		if l, ok := p.TagMaxWeights[tag]; ok {
-			return tagLimit{policy: p, limit: l, reason: ReasonTagMaxWeight}
+		if w, ok := p.TagMaxWeights[tag]; ok {
+			l.limit, l.reason = w, ReasonTagMaxWeight
 		}
 	}
-	return tagLimit{policy: p, limit: p.GlobalMaxWeight, reason: ReasonGlobalMaxWeight}
+	if len(p.TagShedPercents) != 0 {
+		if s, ok := p.TagShedPercents[tag]; ok {
+			l.shed = s / 100
+		}
+	}
+	return l
 }
 
 // decide holds a normalised weight against the limit.
@@ -82,6 +108,14 @@ func (l *tagLimit) decide(weight float64) GateResult {
 		return GateResult{Allowed: true, Reason: ReasonAllowed, Limit: l.limit}
 	}
 	return GateResult{Allowed: false, Reason: l.reason, Limit: l.limit}
+}
+
+// shedTurn reports whether the k-th call (from 1) of a tag to pass the
+// weight check in a window is shed at fraction f. Exactly ⌊k·f⌋ of the
+// first k calls are shed, for every k, so sheds are spread evenly: at 0.5
+// every other call, at 0.25 one in four.
+func shedTurn(k uint64, f float64) bool {
+	return math.Floor(float64(k)*f) != math.Floor(float64(k-1)*f)
 }
 
 // normWeight maps NaN and negative weights to 1.
@@ -99,62 +133,91 @@ func (p *Policy) Clone() *Policy {
 	}
 	q := *p
 	q.TagMaxWeights = maps.Clone(p.TagMaxWeights)
+	q.TagShedPercents = maps.Clone(p.TagShedPercents)
 	return &q
 }
 
-// policyJSON is the wire form of a Policy; weights stay raw so that every
-// accepted form can be parsed and every other one refused.
-type policyJSON struct {
-	Version         json.RawMessage            `json:"version"`
-	GlobalMaxWeight json.RawMessage            `json:"globalMaxWeight"`
-	TagMaxWeights   map[string]json.RawMessage `json:"tagMaxWeights"`
-}
-
-// MarshalJSON encodes p in the wire form of SPEC §4, with an infinite
-// weight as the string "Infinity".
-func (p *Policy) MarshalJSON() ([]byte, error) {
-	var b bytes.Buffer
-	b.WriteString(`{"version":`)
-	b.WriteString(strconv.FormatInt(p.Version, 10))
-	b.WriteString(`,"globalMaxWeight":`)
-	if err := appendWeight(&b, p.GlobalMaxWeight); err != nil {
-		return nil, err
+// Validate reports what makes p unusable, as an error wrapping
+// ErrBadPolicy: a negative version, a weight that is NaN or negative, a
+// shed percent outside [0, 100], more than MaxPolicyTags distinct tags, or
+// a tag name longer than MaxTagNameBytes. The control plane's policies are
+// held to the same rules.
+func (p *Policy) Validate() error {
+	if p == nil {
+		return fmt.Errorf("%w: nil", ErrBadPolicy)
 	}
-	b.WriteString(`,"tagMaxWeights":{`)
-	first := true
-	for _, tag := range slices.Sorted(maps.Keys(p.TagMaxWeights)) {
-		if !first {
-			b.WriteByte(',')
+	if p.Version < 0 {
+		return fmt.Errorf("%w: version %d is negative", ErrBadPolicy, p.Version)
+	}
+	if !(p.GlobalMaxWeight >= 0) {
+		return fmt.Errorf("%w: globalMaxWeight %v is not a number >= 0", ErrBadPolicy, p.GlobalMaxWeight)
+	}
+	if !validPercent(p.GlobalShedPercent) {
+		return fmt.Errorf("%w: globalShedPercent %v is not in [0, 100]", ErrBadPolicy, p.GlobalShedPercent)
+	}
+	tags := len(p.TagMaxWeights)
+	for tag, w := range p.TagMaxWeights {
+		if len(tag) > MaxTagNameBytes {
+			return fmt.Errorf("%w: a tag name of %d bytes, more than %d", ErrBadPolicy, len(tag), MaxTagNameBytes)
 		}
-		first = false
-		k, _ := json.Marshal(tag)
-		b.Write(k)
-		b.WriteByte(':')
-		if err := appendWeight(&b, p.TagMaxWeights[tag]); err != nil {
-			return nil, err
+		if !(w >= 0) {
+			return fmt.Errorf("%w: weight %v of tag %q is not a number >= 0", ErrBadPolicy, w, tag)
 		}
 	}
-	b.WriteString("}}")
-	return b.Bytes(), nil
-}
-
-func appendWeight(b *bytes.Buffer, w float64) error {
-	switch {
-	case math.IsInf(w, 1):
-		b.WriteString(`"Infinity"`)
-	case math.IsNaN(w) || w < 0:
-		return fmt.Errorf("%w: weight %v is not a number >= 0", ErrBadPolicy, w)
-	default:
-		b.WriteString(strconv.FormatFloat(w, 'g', -1, 64))
+	for tag, s := range p.TagShedPercents {
+		if len(tag) > MaxTagNameBytes {
+			return fmt.Errorf("%w: a tag name of %d bytes, more than %d", ErrBadPolicy, len(tag), MaxTagNameBytes)
+		}
+		if !validPercent(s) {
+			return fmt.Errorf("%w: shed percent %v of tag %q is not in [0, 100]", ErrBadPolicy, s, tag)
+		}
+		if _, ok := p.TagMaxWeights[tag]; !ok {
+			tags++
+		}
+	}
+	if tags > MaxPolicyTags {
+		return fmt.Errorf("%w: %d tags, more than %d", ErrBadPolicy, tags, MaxPolicyTags)
 	}
 	return nil
 }
 
-// UnmarshalJSON decodes the wire form of SPEC §4, accepting every form of
-// Infinity it lists. It refuses the whole policy (an error wrapping
-// ErrBadPolicy, p unchanged) for a negative or non-numeric weight, a missing
-// or invalid version, more than MaxPolicyTags tags, or a tag name longer
-// than MaxTagNameBytes.
+func validPercent(p float64) bool { return p >= 0 && p <= 100 }
+
+// policyJSON is the wire form of a Policy; numbers stay raw so that every
+// accepted form can be parsed and every other one refused.
+type policyJSON struct {
+	Version           json.RawMessage            `json:"version"`
+	GlobalMaxWeight   json.RawMessage            `json:"globalMaxWeight"`
+	TagMaxWeights     map[string]json.RawMessage `json:"tagMaxWeights"`
+	GlobalShedPercent json.RawMessage            `json:"globalShedPercent"`
+	TagShedPercents   map[string]json.RawMessage `json:"tagShedPercents"`
+}
+
+// MarshalJSON encodes p in its wire form, with an infinite weight as the
+// string "Infinity" and tags in sorted order. A policy that Validate
+// refuses does not encode.
+func (p *Policy) MarshalJSON() ([]byte, error) {
+	if err := p.Validate(); err != nil {
+		return nil, err
+	}
+	return wire.Policy{
+		Version:           p.Version,
+		GlobalMaxWeight:   p.GlobalMaxWeight,
+		TagMaxWeights:     p.TagMaxWeights,
+		GlobalShedPercent: p.GlobalShedPercent,
+		TagShedPercents:   p.TagShedPercents,
+	}.MarshalJSON()
+}
+
+// UnmarshalJSON decodes the wire form. A weight is a JSON number >= 0 (one
+// too large for a float64 is +Inf), null (+Inf), or one of the strings
+// "Infinity", "+Infinity", "inf" and "+Inf" in any case; an absent
+// globalMaxWeight is +Inf. A shed percent is a JSON number in [0, 100]; an
+// absent globalShedPercent is 0. The version is a non-negative JSON
+// integer. Anything else — a negative weight, NaN, another string, a
+// missing version, more than MaxPolicyTags tags, a tag name longer than
+// MaxTagNameBytes — refuses the whole policy: an error wrapping
+// ErrBadPolicy, and p unchanged.
 func (p *Policy) UnmarshalJSON(data []byte) error {
 	q, err := parsePolicy(data)
 	if err != nil {
@@ -185,8 +248,13 @@ func parsePolicy(data []byte) (*Policy, error) {
 			return nil, fmt.Errorf("%w (globalMaxWeight)", err)
 		}
 	}
-	if len(raw.TagMaxWeights) > MaxPolicyTags {
-		return nil, fmt.Errorf("%w: %d tags, more than %d", ErrBadPolicy, len(raw.TagMaxWeights), MaxPolicyTags)
+	if raw.GlobalShedPercent != nil {
+		if p.GlobalShedPercent, err = parsePercent(raw.GlobalShedPercent); err != nil {
+			return nil, fmt.Errorf("%w (globalShedPercent)", err)
+		}
+	}
+	if n := distinctTags(raw.TagMaxWeights, raw.TagShedPercents); n > MaxPolicyTags {
+		return nil, fmt.Errorf("%w: %d tags, more than %d", ErrBadPolicy, n, MaxPolicyTags)
 	}
 	if len(raw.TagMaxWeights) > 0 {
 		p.TagMaxWeights = make(map[string]float64, len(raw.TagMaxWeights))
@@ -199,7 +267,42 @@ func parsePolicy(data []byte) (*Policy, error) {
 			return nil, fmt.Errorf("%w (tag %q)", err, tag)
 		}
 	}
+	if len(raw.TagShedPercents) > 0 {
+		p.TagShedPercents = make(map[string]float64, len(raw.TagShedPercents))
+	}
+	for tag, v := range raw.TagShedPercents {
+		if len(tag) > MaxTagNameBytes {
+			return nil, fmt.Errorf("%w: a tag name of %d bytes, more than %d", ErrBadPolicy, len(tag), MaxTagNameBytes)
+		}
+		if p.TagShedPercents[tag], err = parsePercent(v); err != nil {
+			return nil, fmt.Errorf("%w (shed percent of tag %q)", err, tag)
+		}
+	}
 	return p, nil
+}
+
+// distinctTags counts the tag names of a and b together.
+func distinctTags(a, b map[string]json.RawMessage) int {
+	n := len(a)
+	for tag := range b {
+		if _, ok := a[tag]; !ok {
+			n++
+		}
+	}
+	return n
+}
+
+// parsePercent accepts a JSON number in [0, 100]; anything else, null and
+// strings included, is refused.
+func parsePercent(raw json.RawMessage) (float64, error) {
+	if len(raw) == 0 || !(raw[0] == '-' || raw[0] >= '0' && raw[0] <= '9') {
+		return 0, fmt.Errorf("%w: shed percent %s is not a number", ErrBadPolicy, raw)
+	}
+	v, err := strconv.ParseFloat(string(raw), 64)
+	if err != nil || !validPercent(v) {
+		return 0, fmt.Errorf("%w: shed percent %s is not in [0, 100]", ErrBadPolicy, raw)
+	}
+	return math.Abs(v), nil // -0 becomes 0
 }
 
 // parseVersion accepts a non-negative JSON integer: digits only.

@@ -20,26 +20,26 @@ func TestPolicyGate(t *testing.T) {
 		weight float64
 		want   GateResult
 	}{
-		{"other", 5, GateResult{true, ReasonAllowed, 5}},
-		{"other", 5.0001, GateResult{false, ReasonGlobalMaxWeight, 5}},
-		{"free", 0, GateResult{true, ReasonAllowed, 0}},
-		{"free", 0.5, GateResult{false, ReasonTagMaxWeight, 0}},
-		{"vip", 50, GateResult{true, ReasonAllowed, 50}}, // a tag entry may be above the global limit
-		{"ent", 1e308, GateResult{true, ReasonAllowed, inf}},
-		{"ent", inf, GateResult{true, ReasonAllowed, inf}},
-		{"free", math.NaN(), GateResult{false, ReasonTagMaxWeight, 0}}, // NaN counts as 1
-		{"free", -3, GateResult{false, ReasonTagMaxWeight, 0}},         // so does a negative weight
-		{"other", -3, GateResult{true, ReasonAllowed, 5}},
-		{"", 6, GateResult{false, ReasonGlobalMaxWeight, 5}},
+		{"other", 5, GateResult{true, false, ReasonAllowed, 5}},
+		{"other", 5.0001, GateResult{false, false, ReasonGlobalMaxWeight, 5}},
+		{"free", 0, GateResult{true, false, ReasonAllowed, 0}},
+		{"free", 0.5, GateResult{false, false, ReasonTagMaxWeight, 0}},
+		{"vip", 50, GateResult{true, false, ReasonAllowed, 50}}, // a tag entry may be above the global limit
+		{"ent", 1e308, GateResult{true, false, ReasonAllowed, inf}},
+		{"ent", inf, GateResult{true, false, ReasonAllowed, inf}},
+		{"free", math.NaN(), GateResult{false, false, ReasonTagMaxWeight, 0}}, // NaN counts as 1
+		{"free", -3, GateResult{false, false, ReasonTagMaxWeight, 0}},         // so does a negative weight
+		{"other", -3, GateResult{true, false, ReasonAllowed, 5}},
+		{"", 6, GateResult{false, false, ReasonGlobalMaxWeight, 5}},
 	}
 	for _, tt := range tests {
 		assert.Equal(t, tt.want, p.Gate(tt.tag, tt.weight), "Gate(%q, %v)", tt.tag, tt.weight)
 	}
 
-	assert.Equal(t, GateResult{true, ReasonAllowed, inf}, DefaultPolicy().Gate("x", 1e300))
-	assert.Equal(t, GateResult{true, ReasonAllowed, inf}, (*Policy)(nil).Gate("x", 1))
-	assert.Equal(t, GateResult{false, ReasonGlobalMaxWeight, 0}, (&Policy{}).Gate("x", 1), "the zero Policy denies every positive weight")
-	assert.Equal(t, GateResult{true, ReasonAllowed, 0}, (&Policy{}).Gate("x", 0))
+	assert.Equal(t, GateResult{true, false, ReasonAllowed, inf}, DefaultPolicy().Gate("x", 1e300))
+	assert.Equal(t, GateResult{true, false, ReasonAllowed, inf}, (*Policy)(nil).Gate("x", 1))
+	assert.Equal(t, GateResult{false, false, ReasonGlobalMaxWeight, 0}, (&Policy{}).Gate("x", 1), "the zero Policy denies every positive weight")
+	assert.Equal(t, GateResult{true, false, ReasonAllowed, 0}, (&Policy{}).Gate("x", 0))
 }
 
 func TestPolicyGateAllocatesNothing(t *testing.T) {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"net/http"
 	"time"
@@ -18,7 +19,7 @@ type pulse struct {
 	body []byte
 }
 
-// pulseJSON is the body of POST /v1/pulse (SPEC §4).
+// pulseJSON is the body of POST /v1/pulse.
 type pulseJSON = wire.PulseBody
 
 // pulseOutcome is what became of one attempt to send a pulse.
@@ -30,13 +31,13 @@ const (
 	pulseDropped                     // refused with a 4xx: give it up
 )
 
-// pulseLoop sends a pulse every PulseInterval (jittered) until ctx ends.
-// The first one comes at a uniformly random point of the first interval
-// (between 0.1 and 1.1 intervals): ±10 % alone would leave a fleet started
-// together pulsing together for many intervals.
+// pulseLoop sends a pulse every pulse interval in force (jittered) until
+// ctx ends. The first one comes at a uniformly random point of the first
+// interval (between 0.1 and 1.1 intervals): ±10 % alone would leave a fleet
+// started together pulsing together for many intervals.
 func (c *Client) pulseLoop(ctx context.Context) error {
-	first := c.opts.PulseInterval/10 + rand.N(c.opts.PulseInterval)
-	t := time.NewTimer(first)
+	every := c.pulseInterval()
+	t := time.NewTimer(every/10 + rand.N(every))
 	defer t.Stop()
 	failing := false
 	for {
@@ -50,7 +51,8 @@ func (c *Client) pulseLoop(ctx context.Context) error {
 			return nil // shutting down: Shutdown sends what is pending
 		}
 		failing = c.logTransition("pulse", failing, err)
-		t.Reset(max(jitter(c.opts.PulseInterval), retryAfter(err)))
+		every := c.pulseInterval()
+		t.Reset(max(jitter(every), c.retryDelay(err, every)))
 	}
 }
 
@@ -70,7 +72,7 @@ func (c *Client) pulseTick(ctx context.Context) error {
 // sendPulse sends p once and acts on the answer. A 2xx answer whose
 // signature verifies acknowledges p even when its body does not parse.
 func (c *Client) sendPulse(ctx context.Context, p *pulse) (pulseOutcome, error) {
-	rctx, cancel := context.WithTimeout(ctx, c.opts.PulseInterval)
+	rctx, cancel := context.WithTimeout(ctx, c.pulseInterval())
 	data, err := c.do(rctx, call{op: "pulse", method: http.MethodPost, path: wire.PathPulse, body: p.body, signed: true})
 	cancel()
 	if err != nil {
@@ -88,19 +90,18 @@ func (c *Client) sendPulse(ctx context.Context, p *pulse) (pulseOutcome, error) 
 		return pulseRetry, err
 	}
 	c.pulsesSent.Add(1)
-	policy, ttl, err := c.parseLeaseResponse(data)
+	a, err := parseLeaseResponse(data)
 	if err != nil {
 		c.policyErrors.Add(1)
 		c.setError(err)
-		c.log.Warn("waitstate: pulse response refused", "seq", p.seq, "error", err)
-		return pulseAcked, err
+		return pulseAcked, fmt.Errorf("waitstate: pulse response: %w", err)
 	}
-	c.applyLease(policy, ttl, true, 0)
+	c.applyLease(a, true, 0)
 	return pulseAcked, nil
 }
 
 // retryableStatus reports whether a pulse answered with code is to be sent
-// again (SPEC §3): 3xx, 5xx, 401, 403, 408 and 429. Any other 4xx drops it.
+// again: 3xx, 5xx, 401, 403, 408 and 429. Any other 4xx drops it.
 func retryableStatus(code int) bool {
 	switch {
 	case code >= 300 && code < 400, code >= 500:
@@ -130,37 +131,37 @@ func (c *Client) cut(final bool) *pulse {
 		c.win = newWindow(c.seed, now)
 	}
 	c.publish()
-	// Once the new view is published, a Gate that still adds to the old
-	// window finds its counter sealed and counts again in the new one.
-	counts := old.collect(true)
-	c.usageTotal += counts.usage
-	c.bouncedTotal += counts.bounced
+	// Once the new view is published, a writer that still finds the old
+	// window finds it sealed and writes again in the new one.
+	r := old.report()
+	c.usageTotal += r.usage
+	c.bouncedTotal += r.bounced
 	body := pulseJSON{
-		InstanceID:   c.instanceID,
+		InstanceID:   c.opts.InstanceID,
 		SiteID:       c.opts.SiteID,
 		SDK:          UserAgent,
 		WindowEndMs:  c.wall().UnixMilli(),
 		WindowMs:     (now - old.start).Milliseconds(),
 		Mode:         c.mode.String(),
-		UsageDelta:   counts.usage,
-		BouncedDelta: counts.bounced,
+		Shadow:       c.opts.Shadow,
+		UsageDelta:   r.usage,
+		BouncedDelta: r.bounced,
 		UsageTotal:   c.usageTotal,
 		BouncedTotal: c.bouncedTotal,
-		Tags:         counts.tags,
+		Tags:         r.tags,
+		Health:       r.health,
+		Metrics:      r.metrics,
 	}
 	if c.mode != ModeFailOpen && c.policy != nil {
 		body.PolicyVersion = c.policy.Version
 	}
 	c.mu.Unlock()
 
-	c.hist.snapshot(c.histCur)
-	body.Health = healthBetween(c.histPrev, c.histCur)
-	c.histPrev, c.histCur = c.histCur, c.histPrev
 	c.seq++
 	body.Seq = c.seq
 	data, err := json.Marshal(body)
 	if err != nil {
-		panic("waitstate: encoding a pulse: " + err.Error()) // plain data: cannot fail
+		panic("waitstate: encoding a pulse: " + err.Error()) // finite numbers and strings: cannot fail
 	}
 	return &pulse{seq: c.seq, body: data}
 }
@@ -169,6 +170,10 @@ func (c *Client) cut(final bool) *pulse {
 // one try each; the last window is cut only if the pending pulse was
 // acknowledged. Its counts stay in Stats either way.
 func (c *Client) flush(ctx context.Context) error {
+	if c.opts.Offline {
+		c.cut(true) // nothing is sent; the counts stay in Stats
+		return nil
+	}
 	if c.pending != nil {
 		out, err := c.sendPulse(ctx, c.pending)
 		if out != pulseAcked {

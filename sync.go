@@ -20,10 +20,10 @@ type syncState struct {
 }
 
 // syncLoop fetches the policy at once, then retries with exponential
-// backoff and full jitter until the first success, then syncs every
-// SyncInterval (jittered) until ctx ends.
+// backoff and full jitter until the first success, then syncs every sync
+// interval in force (jittered) until ctx ends.
 func (c *Client) syncLoop(ctx context.Context) error {
-	st := &syncState{backoff: min(time.Second, c.opts.SyncInterval)}
+	st := &syncState{backoff: min(time.Second, c.syncInterval())}
 	t := time.NewTimer(c.syncTick(ctx, st))
 	defer t.Stop()
 	for {
@@ -43,22 +43,23 @@ func (c *Client) syncTick(ctx context.Context, st *syncState) time.Duration {
 		return time.Hour // the loop is ending
 	}
 	st.failing = c.logTransition("sync", st.failing, err)
+	every := c.syncInterval()
 	var wait time.Duration
 	switch {
 	case err == nil:
 		st.synced = true
-		wait = jitter(c.opts.SyncInterval)
+		wait = jitter(every)
 	case isConfigError(err) || st.synced:
 		c.syncsFailed.Add(1)
 		c.setError(err)
-		wait = jitter(c.opts.SyncInterval) // the longest wait there is
+		wait = jitter(every) // the longest wait there is
 	default:
 		c.syncsFailed.Add(1)
 		c.setError(err)
 		wait = rand.N(st.backoff) + 1 // full jitter
-		st.backoff = min(2*st.backoff, c.opts.SyncInterval)
+		st.backoff = min(2*st.backoff, every)
 	}
-	return max(wait, retryAfter(err))
+	return max(wait, c.retryDelay(err, every))
 }
 
 // syncOnce makes sure a valid token is held, fetches the policy, and applies
@@ -81,15 +82,15 @@ func (c *Client) syncOnce(ctx context.Context, st *syncState) error {
 	if err != nil {
 		return err
 	}
-	policy, ttl, err := c.parseLeaseResponse(data)
-	if err == nil && policy == nil {
+	a, err := parseLeaseResponse(data)
+	if err == nil && a.policy == nil {
 		err = fmt.Errorf("%w: policy is null", ErrBadResponse)
 	}
 	if err != nil {
 		c.policyErrors.Add(1)
 		return fmt.Errorf("waitstate: policy: %w", err)
 	}
-	c.applyLease(policy, ttl, false, gen)
+	c.applyLease(a, false, gen)
 	return nil
 }
 
@@ -100,7 +101,7 @@ func (c *Client) ensureToken(ctx context.Context, st *syncState) error {
 	if st.tok != nil && now < st.tok.refreshAt {
 		return nil
 	}
-	rctx, cancel := context.WithTimeout(ctx, c.opts.SyncInterval)
+	rctx, cancel := context.WithTimeout(ctx, c.syncInterval())
 	defer cancel()
 	tok, err := c.fetchToken(rctx)
 	if err != nil {
@@ -116,7 +117,7 @@ func (c *Client) ensureToken(ctx context.Context, st *syncState) error {
 }
 
 func (c *Client) getPolicy(ctx context.Context, bearer string) ([]byte, error) {
-	rctx, cancel := context.WithTimeout(ctx, c.opts.SyncInterval)
+	rctx, cancel := context.WithTimeout(ctx, c.syncInterval())
 	defer cancel()
 	return c.do(rctx, call{op: "policy", method: http.MethodGet, path: wire.PathPolicy, bearer: bearer})
 }

@@ -13,12 +13,10 @@ import (
 
 	"github.com/golang-jwt/jwt/v5"
 	"golang.org/x/sync/errgroup"
-
-	"github.com/waitstate/waitstate-go/internal/wire"
 )
 
 // Version is the SDK's version, sent in pulses and the User-Agent header.
-const Version = "0.1.0"
+const Version = "0.2.0"
 
 // UserAgent is the User-Agent header of every request.
 const UserAgent = "waitstate-go/" + Version
@@ -30,59 +28,65 @@ const closeTimeout = 5 * time.Second
 // one with New, share it, and call Shutdown or Close when done. A Client is
 // safe for concurrent use by multiple goroutines.
 type Client struct {
-	opts       Options // with defaults applied
-	base       *url.URL
-	http       *http.Client
-	transport  *http.Transport // ours, when Options.HTTPClient was nil
-	log        *slog.Logger
-	jwtParser  *jwt.Parser
-	instanceID string
-	seed       uint64               // of the tag tables' hash
-	clock      func() time.Duration // monotonic time since New
-	wall       func() time.Time     // the wall clock
+	opts      Options // with defaults applied
+	base      *url.URL
+	http      *http.Client
+	transport *http.Transport // ours, when Options.HTTPClient was nil
+	log       *slog.Logger
+	jwtParser *jwt.Parser
+	seed      uint64               // of the tag tables' hash
+	clock     func() time.Duration // monotonic time since New
+	wall      func() time.Time     // the wall clock
 
 	// The hot path: Gate reads view once, and safe only in safe mode.
 	view atomic.Pointer[view]
 	safe limiter
-	hist histogram
+
+	// The intervals in force: Options' until a control plane sets others.
+	pulseEvery atomic.Int64
+	syncEvery  atomic.Int64
 
 	// mu guards the state below and every store to view. Gate never takes it.
 	mu            sync.Mutex
 	mode          Mode
-	policy        *Policy // the last applied policy; nil before the first
+	policy        *Policy // the last applied policy (or InitialPolicy); nil before the first
+	initial       bool    // policy is Options.InitialPolicy: no lease, any version replaces it
 	fallback      *Policy // DefaultPolicy, in force until then
 	win           *window // the live window; nil after the final cut
 	leaseDeadline time.Duration
 	leaseTimer    *time.Timer
 	pulseGen      uint64 // bumped when a pulse response applies a policy
+	isReady       bool   // ready is closed
 	closed        bool
 	usageTotal    uint64 // counted in windows already cut
 	bouncedTotal  uint64
+	events        []event // callbacks to run, in order
 
 	// Owned by the pulse goroutine, then by Shutdown once it has joined it.
-	seq      uint64
-	pending  *pulse
-	histPrev *histSnapshot
-	histCur  *histSnapshot
+	seq     uint64
+	pending *pulse
 
-	pulsesSent    atomic.Uint64
-	pulsesFailed  atomic.Uint64
-	pulsesDropped atomic.Uint64
-	policyErrors  atomic.Uint64
-	syncsFailed   atomic.Uint64
-	lastErr       atomic.Pointer[string]
+	pulsesSent     atomic.Uint64
+	pulsesFailed   atomic.Uint64
+	pulsesDropped  atomic.Uint64
+	policyErrors   atomic.Uint64
+	syncsFailed    atomic.Uint64
+	metricsDropped atomic.Uint64
+	lastErr        atomic.Pointer[string]
+
+	callbacks chan struct{} // held while callbacks run: one at a time
 
 	ready    chan struct{} // closed when the first policy is applied
 	done     chan struct{} // closed by Shutdown
 	cancel   context.CancelFunc
-	group    *errgroup.Group
+	group    *errgroup.Group // nil when offline
 	shutdown atomic.Bool
 }
 
 // New validates opts, starts the client's two background goroutines and
 // returns at once: it never waits on the network. Until a policy is
-// applied the client is in ModeFailOpen. Invalid options give an error
-// wrapping ErrInvalidOptions.
+// applied the client is in ModeFailOpen (or enforces Options.InitialPolicy).
+// Invalid options give an error wrapping ErrInvalidOptions.
 func New(opts Options) (*Client, error) {
 	start := time.Now()
 	return newClient(opts, func() time.Duration { return time.Since(start) }, time.Now)
@@ -98,21 +102,21 @@ func newClient(opts Options, clock func() time.Duration, wall func() time.Time) 
 		return nil, err
 	}
 	c := &Client{
-		opts:       o,
-		base:       base,
-		log:        o.Logger,
-		jwtParser:  newJWTParser(o.PublishKey, wall),
-		instanceID: wire.RandomHex(),
-		seed:       rand.Uint64(),
-		clock:      clock,
-		wall:       wall,
-		safe:       newLimiter(o.SafeModeMaxRPS),
-		fallback:   DefaultPolicy(),
-		histPrev:   new(histSnapshot),
-		histCur:    new(histSnapshot),
-		ready:      make(chan struct{}),
-		done:       make(chan struct{}),
+		opts:      o,
+		base:      base,
+		log:       o.Logger,
+		jwtParser: newJWTParser(o.PublishKey, wall),
+		seed:      rand.Uint64(),
+		clock:     clock,
+		wall:      wall,
+		safe:      newLimiter(o.SafeModeMaxRPS),
+		fallback:  DefaultPolicy(),
+		callbacks: make(chan struct{}, 1),
+		ready:     make(chan struct{}),
+		done:      make(chan struct{}),
 	}
+	c.pulseEvery.Store(int64(o.PulseInterval))
+	c.syncEvery.Store(int64(o.SyncInterval))
 	if o.HTTPClient != nil {
 		hc := *o.HTTPClient
 		c.http = &hc
@@ -121,11 +125,22 @@ func newClient(opts Options, clock func() time.Duration, wall func() time.Time) 
 		c.http = &http.Client{Transport: c.transport}
 	}
 	// A redirect would send a signed request somewhere else and could not
-	// be verified: a 3xx is an answer like any other (SPEC §3: retried).
+	// be verified: a 3xx is an answer like any other, and retried.
 	c.http.CheckRedirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
 
 	c.win = newWindow(c.seed, c.clock())
+	if o.InitialPolicy != nil {
+		c.policy, c.initial, c.mode = o.InitialPolicy, true, ModeEnforcing
+	}
+	if o.InitialPolicy != nil || o.Offline {
+		c.isReady = true
+		close(c.ready)
+	}
 	c.publish()
+	if o.Offline {
+		c.cancel = func() {}
+		return c, nil
+	}
 
 	ctx, cancel := context.WithCancel(context.Background())
 	c.cancel = cancel
@@ -141,22 +156,34 @@ func (c *Client) publish() {
 	if p == nil {
 		p = c.fallback
 	}
-	c.view.Store(&view{mode: c.mode, policy: p, win: c.win})
+	v := &view{mode: c.mode, policy: p, win: c.win}
+	switch {
+	case c.mode == ModeEnforcing, c.mode == ModeSafeMode && c.opts.SafeMode == SafeModeLastPolicy:
+		v.answer = answerPolicy
+	case c.mode == ModeSafeMode && c.opts.SafeMode == SafeModeOpen:
+		v.answer = answerSafeOpen
+	case c.mode == ModeSafeMode:
+		v.answer = answerSafeRate
+	}
+	c.view.Store(v)
 }
 
-// Observe records one health sample: how long a unit of work took and
-// whether it failed. Samples feed the latency quantiles and error rate of
-// the next pulse. After Shutdown it records nothing.
-func (c *Client) Observe(latency time.Duration, failed bool) {
-	if c.view.Load().win == nil {
+// setMode changes the mode and queues OnModeChange. Call with mu held, then
+// publish, then runCallbacks once mu is released.
+func (c *Client) setMode(m Mode) {
+	if c.mode == m {
 		return
 	}
-	c.hist.observe(latency, failed)
+	if c.opts.OnModeChange != nil {
+		c.events = append(c.events, event{from: c.mode, to: m})
+	}
+	c.mode = m
 }
 
 // Ready waits until the first policy is applied and returns nil, or returns
 // ctx.Err() when ctx ends first, or ErrClosed when the client is shut down
-// first. Gate does not need it: until then it fails open.
+// first. Gate does not need it: until then it fails open. With an
+// InitialPolicy, or Offline, it returns nil at once.
 func (c *Client) Ready(ctx context.Context) error {
 	select {
 	case <-c.ready:
@@ -180,18 +207,22 @@ func (c *Client) Mode() Mode { return c.view.Load().mode }
 // until a policy is applied, then the last applied one, in safe mode too.
 func (c *Client) Policy() *Policy { return c.view.Load().policy.Clone() }
 
-// Stats is a snapshot of a Client's counters.
+// Stats is a snapshot of a Client's counters. It marshals to readable JSON.
 type Stats struct {
-	Usage         uint64 // Gate calls allowed since New
-	Bounced       uint64 // Gate calls denied since New
-	PulsesSent    uint64 // pulses the control plane acknowledged
-	PulsesFailed  uint64 // pulse attempts that failed or had no known outcome; each is resent
-	PulsesDropped uint64 // pulses the control plane refused with a 4xx; their counts stay in Usage and Bounced
-	PolicyErrors  uint64 // verified responses whose body or policy was refused
-	SyncsFailed   uint64 // policy syncs that failed
-	PolicyVersion int64  // version of the policy in force; 0 before the first
-	Mode          Mode   // the mode Gate is answering in
-	LastError     string // the last error, with no secret in it; "" if none
+	Usage          uint64        // Gate calls allowed since New (in shadow mode: not denied)
+	Bounced        uint64        // Gate calls denied since New (in shadow mode: would have been)
+	PulsesSent     uint64        // pulses the control plane acknowledged
+	PulsesFailed   uint64        // pulse attempts that failed or had no known outcome; each is resent
+	PulsesDropped  uint64        // pulses the control plane refused with a 4xx; their counts stay in Usage and Bounced
+	PolicyErrors   uint64        // verified responses whose body or policy was refused
+	SyncsFailed    uint64        // policy syncs that failed
+	MetricsDropped uint64        // custom-metric samples refused: bad name or value, or a name beyond the tag's limit
+	PolicyVersion  int64         // version of the policy in force; 0 before the first
+	Mode           Mode          // the mode Gate is answering in
+	LeaseRemaining time.Duration // until the lease expires; 0 without one or once expired
+	PulseInterval  time.Duration // in force: Options' or the control plane's
+	SyncInterval   time.Duration // in force
+	LastError      string        // the last error, with no secret in it; "" if none
 }
 
 // Stats returns the client's counters.
@@ -199,28 +230,39 @@ func (c *Client) Stats() Stats {
 	c.mu.Lock()
 	usage, bounced := c.usageTotal, c.bouncedTotal
 	if c.win != nil {
-		live := c.win.collect(false)
+		live := c.win.count(false)
 		usage += live.usage
 		bounced += live.bounced
+	}
+	var lease time.Duration
+	if c.policy != nil && !c.initial && c.mode == ModeEnforcing {
+		lease = max(c.leaseDeadline-c.clock(), 0)
 	}
 	c.mu.Unlock()
 	v := c.view.Load()
 	s := Stats{
-		Usage:         usage,
-		Bounced:       bounced,
-		PulsesSent:    c.pulsesSent.Load(),
-		PulsesFailed:  c.pulsesFailed.Load(),
-		PulsesDropped: c.pulsesDropped.Load(),
-		PolicyErrors:  c.policyErrors.Load(),
-		SyncsFailed:   c.syncsFailed.Load(),
-		PolicyVersion: v.policy.Version,
-		Mode:          v.mode,
+		Usage:          usage,
+		Bounced:        bounced,
+		PulsesSent:     c.pulsesSent.Load(),
+		PulsesFailed:   c.pulsesFailed.Load(),
+		PulsesDropped:  c.pulsesDropped.Load(),
+		PolicyErrors:   c.policyErrors.Load(),
+		SyncsFailed:    c.syncsFailed.Load(),
+		MetricsDropped: c.metricsDropped.Load(),
+		PolicyVersion:  v.policy.Version,
+		Mode:           v.mode,
+		LeaseRemaining: lease,
+		PulseInterval:  c.pulseInterval(),
+		SyncInterval:   c.syncInterval(),
 	}
 	if e := c.lastErr.Load(); e != nil {
 		s.LastError = *e
 	}
 	return s
 }
+
+func (c *Client) pulseInterval() time.Duration { return time.Duration(c.pulseEvery.Load()) }
+func (c *Client) syncInterval() time.Duration  { return time.Duration(c.syncEvery.Load()) }
 
 // Shutdown stops both goroutines and waits for them, then sends the pending
 // pulse and the last window, one try each, within ctx. It returns the error
@@ -232,7 +274,9 @@ func (c *Client) Shutdown(ctx context.Context) error {
 		return nil
 	}
 	c.cancel()
-	_ = c.group.Wait() // the loops return nil; their errors are in Stats
+	if c.group != nil {
+		_ = c.group.Wait() // the loops return nil; their errors are in Stats
+	}
 	close(c.done)
 	err := c.flush(ctx)
 
@@ -242,6 +286,7 @@ func (c *Client) Shutdown(ctx context.Context) error {
 		c.leaseTimer.Stop()
 	}
 	c.mu.Unlock()
+	c.runCallbacks(true) // none runs after Shutdown returns
 	if c.transport != nil {
 		c.transport.CloseIdleConnections()
 	}
@@ -255,37 +300,70 @@ func (c *Client) Close() error {
 	return c.Shutdown(ctx)
 }
 
+// leaseAnswer is a verified, parsed answer of /v1/pulse or /v1/policy.
+type leaseAnswer struct {
+	policy     *Policy       // nil: none
+	ttl        time.Duration // 0: the default lease
+	pulseEvery time.Duration // 0: unchanged
+	syncEvery  time.Duration // 0: unchanged
+}
+
 // applyLease acts on a verified, parsed answer of /v1/pulse (fromPulse) or
-// /v1/policy: it applies p when the version rules allow (SPEC §4), then,
-// when a policy is held, renews the lease for ttl and enforces it. gen is
-// pulseGen as it was when the /v1/policy request was sent.
-func (c *Client) applyLease(p *Policy, ttl time.Duration, fromPulse bool, gen uint64) {
+// /v1/policy: it adopts the intervals it sets, applies its policy when the
+// version rules allow, then, when a policy is held, renews the lease and
+// enforces it. gen is pulseGen as it was when the /v1/policy request was
+// sent.
+func (c *Client) applyLease(a leaseAnswer, fromPulse bool, gen uint64) {
 	c.mu.Lock()
-	defer c.mu.Unlock()
+	c.applyLeaseLocked(a, fromPulse, gen)
+	c.mu.Unlock()
+	c.runCallbacks(false)
+}
+
+func (c *Client) applyLeaseLocked(a leaseAnswer, fromPulse bool, gen uint64) {
 	if c.closed {
 		return
 	}
-	held := c.policy
+	if a.pulseEvery > 0 {
+		c.pulseEvery.Store(int64(a.pulseEvery))
+	}
+	if a.syncEvery > 0 {
+		c.syncEvery.Store(int64(a.syncEvery))
+	}
+	held, p := c.policy, a.policy
 	switch {
 	case p == nil:
+	case c.initial:
+		// The control plane's first policy replaces the initial one,
+		// whatever either version.
 	case fromPulse && held != nil && p.Version <= held.Version:
-		// A pulse brings only newer policies.
+		p = nil // a pulse brings only newer policies
 	case !fromPulse && gen != c.pulseGen && held != nil && held.Version > p.Version:
-		// A pulse applied a newer policy while the GET was in flight.
-	default:
+		p = nil // a pulse applied a newer policy while the GET was in flight
+	}
+	if p != nil {
 		if fromPulse {
 			c.pulseGen++
 		}
-		c.policy = p
+		c.policy, c.initial = p, false
 		if c.win != nil {
 			c.win.relimit(p) // before publish: Gate checks which policy a limit is for
 		}
 		if held == nil || held.Version != p.Version {
-			c.log.Info("waitstate: policy applied", "version", p.Version, "tags", len(p.TagMaxWeights))
+			c.log.Info("waitstate: policy applied", "version", p.Version,
+				"tag_limits", len(p.TagMaxWeights), "tag_shed_percents", len(p.TagShedPercents))
+		}
+		if c.opts.OnPolicyApplied != nil {
+			c.events = append(c.events, event{policy: p.Clone()})
 		}
 	}
-	if c.policy == nil {
-		return // nothing held, no lease to renew
+	if c.policy == nil || c.initial {
+		c.publish()
+		return // no lease to renew
+	}
+	ttl := a.ttl
+	if ttl <= 0 {
+		ttl = c.defaultLease()
 	}
 	c.leaseDeadline = c.clock() + ttl
 	if c.leaseTimer == nil {
@@ -293,35 +371,94 @@ func (c *Client) applyLease(p *Policy, ttl time.Duration, fromPulse bool, gen ui
 	} else {
 		c.leaseTimer.Reset(ttl)
 	}
-	if c.mode != ModeEnforcing {
-		if c.mode == ModeSafeMode {
-			c.log.Info("waitstate: lease renewed, enforcing again", "version", c.policy.Version)
-		}
-		c.mode = ModeEnforcing
+	if c.mode == ModeSafeMode {
+		c.log.Info("waitstate: lease renewed, enforcing again", "version", c.policy.Version)
 	}
+	c.setMode(ModeEnforcing)
 	c.publish()
-	if held == nil {
+	if !c.isReady {
+		c.isReady = true
 		close(c.ready) // after publish: Ready's caller sees the policy in force
 	}
+}
+
+// defaultLease is the lease when an answer names none: 3 × the longer
+// interval in force.
+func (c *Client) defaultLease() time.Duration {
+	return 3 * max(c.pulseInterval(), c.syncInterval())
 }
 
 // leaseExpired runs on the lease timer: it enters safe mode unless the lease
 // was renewed meanwhile.
 func (c *Client) leaseExpired() {
 	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.closed || c.mode != ModeEnforcing {
+	if c.closed || c.mode != ModeEnforcing || c.initial {
+		c.mu.Unlock()
 		return
 	}
 	now := c.clock()
 	if left := c.leaseDeadline - now; left > 0 {
 		c.leaseTimer.Reset(left) // renewed while the timer was firing
+		c.mu.Unlock()
 		return
 	}
-	c.log.Warn("waitstate: lease expired, entering safe mode", "version", c.policy.Version, "max_rps", c.opts.SafeModeMaxRPS)
-	c.mode = ModeSafeMode
+	c.log.Warn("waitstate: lease expired, entering safe mode", "version", c.policy.Version,
+		"strategy", c.opts.SafeMode.String(), "max_rps", c.opts.SafeModeMaxRPS)
+	c.setMode(ModeSafeMode)
 	c.safe.reset(now)
 	c.publish()
+	c.mu.Unlock()
+	c.runCallbacks(false)
+}
+
+// event is a callback to run: a change of mode, or a policy applied.
+type event struct {
+	from, to Mode
+	policy   *Policy // set for OnPolicyApplied
+}
+
+// runCallbacks runs the queued callbacks in order, outside every lock, one
+// at a time across the client: a goroutine that finds another running them
+// leaves its events to it (wait unset) or waits its turn (wait set).
+func (c *Client) runCallbacks(wait bool) {
+	for {
+		if wait {
+			c.callbacks <- struct{}{}
+		} else {
+			select {
+			case c.callbacks <- struct{}{}:
+			default:
+				return // the running goroutine will see our events
+			}
+		}
+		c.mu.Lock()
+		evs := c.events
+		c.events = nil
+		c.mu.Unlock()
+		for _, ev := range evs {
+			c.runCallback(ev)
+		}
+		<-c.callbacks
+		c.mu.Lock()
+		more := len(c.events) > 0
+		c.mu.Unlock()
+		if !more {
+			return
+		}
+	}
+}
+
+func (c *Client) runCallback(ev event) {
+	defer func() {
+		if p := recover(); p != nil {
+			c.log.Error("waitstate: a callback panicked", "panic", p)
+		}
+	}()
+	if ev.policy != nil {
+		c.opts.OnPolicyApplied(ev.policy)
+	} else {
+		c.opts.OnModeChange(ev.from, ev.to)
+	}
 }
 
 // setError records err as the last error.

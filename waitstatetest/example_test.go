@@ -49,9 +49,10 @@ func Example() {
 		panic(err)
 	}
 	t := srv.Totals("")
-	fmt.Printf("control plane counted: usage %d, bounced %d, per tag %v\n", t.Usage, t.Bounced, t.Tags)
+	fmt.Printf("control plane counted: usage %d, bounced %d; free %d/%d, pro %d/%d\n", t.Usage, t.Bounced,
+		t.Tags["free"].Usage, t.Tags["free"].Bounced, t.Tags["pro"].Usage, t.Tags["pro"].Bounced)
 	// Output:
 	// free: tag_max_weight
 	// pro: allowed
-	// control plane counted: usage 1, bounced 1, per tag map[free:{0 1} pro:{1 0}]
+	// control plane counted: usage 1, bounced 1; free 0/1, pro 1/0
 }

@@ -46,7 +46,7 @@ func BenchmarkPulse(b *testing.B) {
 				req.Header.Set(wire.HeaderInstance, "i1")
 				req.Header.Set(wire.HeaderNonce, nonce)
 				req.Header.Set(wire.HeaderTimestamp, ts)
-				req.Header.Set(wire.HeaderSignature, wire.Sign("sk", wire.RequestCanonical(http.MethodPost, wire.PathPulse, ts, nonce, body)))
+				req.Header.Set(wire.HeaderSignature, wire.Sign("sk", wire.RequestCanonical(http.MethodPost, wire.PathPulse, ts, nonce, wire.Identity{PublishKey: "pk", InstanceID: req.Header.Get(wire.HeaderInstance)}, body)))
 				rec := httptest.NewRecorder()
 				h.ServeHTTP(rec, req)
 				if rec.Code != http.StatusOK {

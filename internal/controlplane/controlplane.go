@@ -1,5 +1,5 @@
 // Package controlplane is a WaitState control plane that speaks the whole
-// protocol of SPEC §4 on loopback: it verifies every signature and token,
+// protocol on loopback: it verifies every signature and token,
 // signs every 2xx answer, counts each (instance, seq) once, serves policies
 // per site, and can be told to fail in every way the SDK must survive.
 //
@@ -26,39 +26,17 @@ import (
 	"github.com/waitstate/waitstate-go/internal/wire"
 )
 
-// Policy is a policy as the control plane serves it. An infinite weight is
-// sent as "Infinity".
-type Policy struct {
-	Version         int64
-	GlobalMaxWeight float64
-	TagMaxWeights   map[string]float64
-}
-
-// MarshalJSON encodes p in the wire form.
-func (p Policy) MarshalJSON() ([]byte, error) {
-	tags := make(map[string]any, len(p.TagMaxWeights))
-	for k, v := range p.TagMaxWeights {
-		tags[k] = weightJSON(v)
-	}
-	return json.Marshal(map[string]any{
-		"version":         p.Version,
-		"globalMaxWeight": weightJSON(p.GlobalMaxWeight),
-		"tagMaxWeights":   tags,
-	})
-}
-
-func weightJSON(w float64) any {
-	if math.IsInf(w, 1) {
-		return "Infinity"
-	}
-	return w
-}
+// Policy is a policy as the control plane serves it: weight limits and shed
+// percents. An infinite weight is sent as "Infinity".
+type Policy = wire.Policy
 
 // The parts of a pulse, as the protocol defines them.
 type (
-	TagCount = wire.TagCount
-	Health   = wire.Health
-	Latency  = wire.Latency
+	TagCount  = wire.TagCount
+	Health    = wire.Health
+	Latency   = wire.Latency
+	Histogram = wire.Histogram
+	MetricAgg = wire.Metric
 )
 
 // Pulse is a pulse as received.
@@ -124,6 +102,7 @@ type Faults struct {
 	Oversize      bool          // 2xx answers have a body over 1 MiB, correctly signed
 	BadToken      TokenFault    // /v1/token issues this kind of bad token
 	NullPolicy    bool          // answers carry "policy": null
+	AnswerFields  string        // raw JSON members added to every lease answer, such as `"pulseIntervalMs": null`
 }
 
 type instanceSeq struct {
@@ -147,6 +126,8 @@ type Server struct {
 	logLimit   int
 	events     []Event
 	leaseTTL   time.Duration
+	pulseEvery time.Duration // pulseIntervalMs of every answer; 0 leaves it out
+	syncEvery  time.Duration // syncIntervalMs of every answer; 0 leaves it out
 	tokenTTL   time.Duration
 	faults     Faults
 	counted    map[instanceSeq]bool
@@ -365,6 +346,14 @@ func (s *Server) SetLeaseTTL(d time.Duration) {
 	s.leaseTTL = d
 }
 
+// SetIntervals sets the pulseIntervalMs and syncIntervalMs of every answer,
+// which clients adopt from their next tick; 0 leaves a field out.
+func (s *Server) SetIntervals(pulse, sync time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.pulseEvery, s.syncEvery = pulse, sync
+}
+
 // SetTokenTTL sets the lifetime of the tokens issued from now on.
 func (s *Server) SetTokenTTL(d time.Duration) {
 	s.mu.Lock()
@@ -560,8 +549,17 @@ func verifyRequest(secret string, r *http.Request, body []byte) bool {
 	if skew := time.Now().Unix() - sec; skew > wire.MaxClockSkewSeconds || skew < -wire.MaxClockSkewSeconds {
 		return false
 	}
-	canonical := wire.RequestCanonical(r.Method, r.URL.RequestURI(), ts, r.Header.Get(wire.HeaderNonce), body)
+	canonical := wire.RequestCanonical(r.Method, r.URL.RequestURI(), ts, r.Header.Get(wire.HeaderNonce), identity(r), body)
 	return wire.Verify(secret, canonical, r.Header.Get(wire.HeaderSignature))
+}
+
+// identity is who a request says it is, as its signature binds it.
+func identity(r *http.Request) wire.Identity {
+	return wire.Identity{
+		PublishKey: r.Header.Get(wire.HeaderKey),
+		InstanceID: r.Header.Get(wire.HeaderInstance),
+		SiteID:     r.Header.Get(wire.HeaderSite),
+	}
 }
 
 func (s *Server) fail(w http.ResponseWriter, status int, retryAfter time.Duration) {
@@ -582,14 +580,15 @@ func (s *Server) answer(w http.ResponseWriter, r *http.Request, secret string, f
 	case f.Oversize:
 		body = append(bytes.Repeat([]byte(" "), 1<<20), body...)
 	}
-	sig := wire.Sign(secret, wire.ResponseCanonical(path, r.Header.Get(wire.HeaderNonce), body))
+	id := identity(r)
+	sig := wire.Sign(secret, wire.ResponseCanonical(path, r.Header.Get(wire.HeaderNonce), id, body))
 	s.mu.Lock()
 	if f.Replay {
 		if prev, ok := s.lastReply[path]; ok {
 			body, sig = prev.body, prev.sig
 		} else {
 			// Nothing to replay yet: an answer bound to another request.
-			sig = wire.Sign(secret, wire.ResponseCanonical(path, wire.RandomHex(), body))
+			sig = wire.Sign(secret, wire.ResponseCanonical(path, wire.RandomHex(), id, body))
 		}
 	} else {
 		s.lastReply[path] = reply{body: body, sig: sig}
@@ -597,7 +596,7 @@ func (s *Server) answer(w http.ResponseWriter, r *http.Request, secret string, f
 	s.mu.Unlock()
 	switch {
 	case f.ForgeSig:
-		sig = wire.Sign(secret+"forged", wire.ResponseCanonical(path, r.Header.Get(wire.HeaderNonce), body))
+		sig = wire.Sign(secret+"forged", wire.ResponseCanonical(path, r.Header.Get(wire.HeaderNonce), id, body))
 	case f.NoSig:
 		sig = ""
 	}
@@ -775,9 +774,9 @@ func (s *Server) effective(site string) (Policy, bool) {
 // leaseBody encodes an answer carrying policy (nil: null). The policy is
 // written as it is, so that a policy set with SetPolicyJSON reaches the
 // client even when it is not JSON.
-func (s *Server) leaseBody(policy json.RawMessage) []byte {
+func (s *Server) leaseBody(policy json.RawMessage, f Faults) []byte {
 	s.mu.Lock()
-	ttl := s.leaseTTL
+	ttl, pulse, sync := s.leaseTTL, s.pulseEvery, s.syncEvery
 	s.mu.Unlock()
 	if policy == nil {
 		policy = json.RawMessage("null")
@@ -787,6 +786,16 @@ func (s *Server) leaseBody(policy json.RawMessage) []byte {
 	b.Write(policy)
 	if ttl > 0 {
 		fmt.Fprintf(&b, `,"leaseTtlMs":%d`, ttl.Milliseconds())
+	}
+	if pulse > 0 {
+		fmt.Fprintf(&b, `,"pulseIntervalMs":%d`, pulse.Milliseconds())
+	}
+	if sync > 0 {
+		fmt.Fprintf(&b, `,"syncIntervalMs":%d`, sync.Milliseconds())
+	}
+	if f.AnswerFields != "" {
+		b.WriteString(",")
+		b.WriteString(f.AnswerFields)
 	}
 	b.WriteString("}")
 	return b.Bytes()
@@ -815,7 +824,7 @@ func (s *Server) handlePolicy(w http.ResponseWriter, r *http.Request) {
 	if f.NullPolicy {
 		raw = nil
 	}
-	s.answer(w, r, secret, f, s.leaseBody(raw))
+	s.answer(w, r, secret, f, s.leaseBody(raw, f))
 }
 
 func (s *Server) handlePulse(w http.ResponseWriter, r *http.Request) {
@@ -859,5 +868,5 @@ func (s *Server) handlePulse(w http.ResponseWriter, r *http.Request) {
 	if f.NullPolicy {
 		policy = nil
 	}
-	s.answer(w, r, secret, f, s.leaseBody(policy))
+	s.answer(w, r, secret, f, s.leaseBody(policy, f))
 }

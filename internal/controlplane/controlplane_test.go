@@ -30,13 +30,13 @@ func post(t *testing.T, s *Server, path, key, secret string, body []byte) *http.
 	req.Header.Set(wire.HeaderInstance, "i1")
 	req.Header.Set(wire.HeaderNonce, nonce)
 	req.Header.Set(wire.HeaderTimestamp, ts)
-	req.Header.Set(wire.HeaderSignature, wire.Sign(secret, wire.RequestCanonical(http.MethodPost, path, ts, nonce, body)))
+	req.Header.Set(wire.HeaderSignature, wire.Sign(secret, wire.RequestCanonical(http.MethodPost, path, ts, nonce, wire.Identity{PublishKey: key, InstanceID: "i1"}, body)))
 	resp, err := http.DefaultClient.Do(req)
 	require.NoError(t, err)
 	t.Cleanup(func() { resp.Body.Close() })
 	data, _ := io.ReadAll(resp.Body)
 	if resp.StatusCode == http.StatusOK {
-		assert.True(t, wire.Verify(secret, wire.ResponseCanonical(path, nonce, data), resp.Header.Get(wire.HeaderSignature)), "signed answer")
+		assert.True(t, wire.Verify(secret, wire.ResponseCanonical(path, nonce, wire.Identity{PublishKey: key, InstanceID: "i1"}, data), resp.Header.Get(wire.HeaderSignature)), "signed answer")
 	}
 	return resp
 }

@@ -1,7 +1,7 @@
 package wire
 
-// PulseBody is the body of POST /v1/pulse (SPEC §4): the SDK encodes it,
-// the control plane decodes it.
+// PulseBody is the body of POST /v1/pulse: the SDK encodes it, the control
+// plane decodes it.
 type PulseBody struct {
 	InstanceID    string              `json:"instanceId"`
 	SiteID        string              `json:"siteId,omitempty"`
@@ -11,31 +11,45 @@ type PulseBody struct {
 	WindowMs      int64               `json:"windowMs"`    // the time it covered
 	Mode          string              `json:"mode"`
 	PolicyVersion int64               `json:"policyVersion"`
+	Shadow        bool                `json:"shadow"`
 	UsageDelta    uint64              `json:"usageDelta"`
 	BouncedDelta  uint64              `json:"bouncedDelta"`
 	UsageTotal    uint64              `json:"usageTotal"`
 	BouncedTotal  uint64              `json:"bouncedTotal"`
 	Tags          map[string]TagCount `json:"tags"`
-	Health        *Health             `json:"health,omitempty"` // nil without samples
+	Health        *Health             `json:"health,omitempty"`  // every sample of the window; nil without samples
+	Metrics       map[string]Metric   `json:"metrics,omitempty"` // site-wide custom metrics
 }
 
-// TagCount is one tag's counts in a pulse.
+// TagCount is one tag's part of a pulse: its counts, and its health and
+// custom metrics when it had samples.
 type TagCount struct {
-	Usage   uint64 `json:"usage"`
-	Bounced uint64 `json:"bounced"`
+	Usage   uint64            `json:"usage"`
+	Bounced uint64            `json:"bounced"`
+	Health  *Health           `json:"health,omitempty"`
+	Metrics map[string]Metric `json:"metrics,omitempty"`
 }
 
-// Health is a pulse's health object.
+// Health is the health of a window's samples.
 type Health struct {
-	Requests  uint64  `json:"requests"`
-	Errors    uint64  `json:"errors"`
-	LatencyMs Latency `json:"latencyMs"`
+	Requests  uint64     `json:"requests"`
+	Errors    uint64     `json:"errors"`
+	LatencyMs Latency    `json:"latencyMs"`
+	Histogram *Histogram `json:"histogram,omitempty"`
 }
 
-// Latency is a pulse's latency quantiles, in milliseconds.
+// Latency is a window's latency quantiles, in milliseconds.
 type Latency struct {
 	P50 float64 `json:"p50"`
 	P95 float64 `json:"p95"`
 	P99 float64 `json:"p99"`
 	Max float64 `json:"max"`
+}
+
+// Metric is a custom metric's aggregate over a window.
+type Metric struct {
+	Count uint64  `json:"count"`
+	Sum   float64 `json:"sum"`
+	Min   float64 `json:"min"`
+	Max   float64 `json:"max"`
 }

@@ -1,0 +1,137 @@
+package waitstate
+
+import (
+	"math"
+	"math/bits"
+	"sync/atomic"
+	"time"
+
+	"github.com/waitstate/waitstate-go/internal/wire"
+)
+
+// A window's latency histograms have 16 buckets per power of two of
+// microseconds, so a bucket's midpoint is within 1/32 (3.1 %) of every value
+// in it: the quantiles a pulse reports are that close. Each bucket lies
+// inside one bucket of the wire scheme (8 per power of two), so the
+// histogram a pulse sends is exact, not re-estimated. Latencies of 2^32 µs
+// (71 minutes) and more are recorded in the last bucket.
+const (
+	fineSubBits = 4
+	fineSub     = 1 << fineSubBits
+	fineMaxUs   = 1<<32 - 1
+	fineBuckets = (32-fineSubBits)*fineSub + fineSub // 464
+)
+
+func fineIndex(us uint64) int {
+	us = min(us, fineMaxUs)
+	if us < fineSub {
+		return int(us)
+	}
+	e := bits.Len64(us) - 1 // e >= fineSubBits
+	return (e-fineSubBits+1)<<fineSubBits | int((us>>(e-fineSubBits))&(fineSub-1))
+}
+
+// fineLower is the smallest latency of bucket i, in microseconds.
+func fineLower(i int) uint64 {
+	if i < fineSub {
+		return uint64(i)
+	}
+	e := i>>fineSubBits + fineSubBits - 1
+	return uint64(fineSub+i&(fineSub-1)) << (e - fineSubBits)
+}
+
+// fineMid is the midpoint of bucket i, in microseconds.
+func fineMid(i int) float64 {
+	if i < 2*fineSub {
+		return float64(fineLower(i)) // buckets of a single microsecond
+	}
+	return (float64(fineLower(i)) + float64(fineLower(i+1)-1)) / 2
+}
+
+// health is one tag's samples in one window. Its request count is the sum
+// of its buckets, so a sample is one add, plus one for an error, both under
+// the sample's reservation.
+type health struct {
+	errors  atomic.Uint64
+	buckets [fineBuckets]atomic.Uint64
+}
+
+func (h *health) observe(latency time.Duration, failed bool) {
+	h.buckets[fineIndex(uint64(max(latency, 0)/time.Microsecond))].Add(1)
+	if failed {
+		h.errors.Add(1)
+	}
+}
+
+// healthOf returns t's health, allocating it on the tag's first sample in
+// the window.
+func (t *tagCounter) healthOf() *health {
+	if h := t.health.Load(); h != nil {
+		return h
+	}
+	fresh := new(health)
+	if t.health.CompareAndSwap(nil, fresh) {
+		return fresh
+	}
+	return t.health.Load()
+}
+
+// healthSum adds up histograms: the site-wide health of a window is the sum
+// of its tags' and its untagged samples.
+type healthSum struct {
+	errors  uint64
+	buckets [fineBuckets]uint64
+}
+
+func (s *healthSum) merge(o *healthSum) {
+	s.errors += o.errors
+	for i := range o.buckets {
+		s.buckets[i] += o.buckets[i]
+	}
+}
+
+func (s *healthSum) add(h *health) {
+	s.errors += h.errors.Load()
+	for i := range h.buckets {
+		s.buckets[i] += h.buckets[i].Load()
+	}
+}
+
+// wire returns the pulse's health object, or nil without samples.
+func (s *healthSum) wire() *wire.Health {
+	var n uint64
+	top := -1
+	counts := map[string]uint64{}
+	for i, c := range s.buckets {
+		if c == 0 {
+			continue
+		}
+		n += c
+		top = i
+		counts[wire.BucketKey(wire.HistIndex(fineLower(i)))] += c
+	}
+	if n == 0 {
+		return nil
+	}
+	quantile := func(q float64) float64 {
+		rank := uint64(math.Ceil(q * float64(n)))
+		var seen uint64
+		for i, c := range s.buckets {
+			if seen += c; seen >= rank {
+				return fineMid(i) / 1000
+			}
+		}
+		return fineMid(top) / 1000
+	}
+	return &wire.Health{
+		Requests: n,
+		Errors:   s.errors,
+		LatencyMs: wire.Latency{
+			P50: quantile(0.50),
+			P95: quantile(0.95),
+			P99: quantile(0.99),
+			Max: fineMid(top) / 1000,
+		},
+		Histogram: &wire.Histogram{Scheme: wire.HistogramScheme, Counts: counts},
+	}
+}

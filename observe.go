@@ -1,0 +1,98 @@
+package waitstate
+
+import (
+	"math"
+	"time"
+)
+
+// Observe records one health sample of the site as a whole: how long a unit
+// of work took and whether it failed. It is ObserveTag with tag "".
+func (c *Client) Observe(latency time.Duration, failed bool) {
+	c.ObserveTag("", latency, failed)
+}
+
+// ObserveTag records one health sample of tag's traffic: how long a unit of
+// work took and whether it failed. The sample counts in the site-wide health
+// and in tag's own (tag "" has none of its own), in the same window, latency
+// and failure together. Health follows the window's tags: beyond its first
+// MaxWindowTags, and for invalid tags, samples go to OtherTag.
+//
+// For a tag already seen in the window it takes no lock and allocates
+// nothing. After Shutdown it records nothing.
+func (c *Client) ObserveTag(tag string, latency time.Duration, failed bool) {
+	for {
+		v := c.view.Load()
+		if v.win == nil {
+			return // shut down
+		}
+		r := v.win.enter()
+		if r == nil {
+			continue // cut: the next window's view is published
+		}
+		v.win.extra(tag, v.policy).healthOf().observe(latency, failed)
+		r.exit()
+		return
+	}
+}
+
+// Timer measures one unit of work of a tag; Stop records it. It is a small
+// value: keep it on the stack. The zero Timer records nothing.
+type Timer struct {
+	c     *Client
+	tag   string
+	start time.Time
+}
+
+// StartTimer starts timing a unit of work of tag's traffic.
+//
+//	t := client.StartTimer("search")
+//	err := search(ctx, q)
+//	t.Stop(err != nil)
+func (c *Client) StartTimer(tag string) Timer {
+	return Timer{c: c, tag: tag, start: time.Now()}
+}
+
+// Stop records the time since StartTimer as one health sample of the
+// timer's tag (ObserveTag), failed as given, and returns it. A zero Timer
+// records nothing and returns 0.
+func (t Timer) Stop(failed bool) time.Duration {
+	if t.c == nil {
+		return 0
+	}
+	d := time.Since(t.start)
+	t.c.ObserveTag(t.tag, d, failed)
+	return d
+}
+
+// Record records one sample of a custom metric, a gauge such as a queue
+// depth or a pool wait, for tag ("" is the site as a whole). Each window
+// keeps, per tag and metric, the count, sum, minimum and maximum of the
+// samples, for at most MaxMetricsPerTag names per tag. A name must be 1 to
+// MaxMetricNameBytes bytes of [a-z0-9_.]. A sample with a bad name, a NaN
+// or infinite value, or a name beyond the tag's MaxMetricsPerTag is dropped
+// and counted in Stats().MetricsDropped.
+//
+// For a tag and name already seen in the window it takes no lock and
+// allocates nothing. After Shutdown it records nothing.
+func (c *Client) Record(tag, metric string, value float64) {
+	for {
+		v := c.view.Load()
+		if v.win == nil {
+			return
+		}
+		if !validMetricName(metric) || math.IsNaN(value) || math.IsInf(value, 0) {
+			c.metricsDropped.Add(1)
+			return
+		}
+		r := v.win.enter()
+		if r == nil {
+			continue
+		}
+		ok := v.win.extra(tag, v.policy).metricsOf().record(metric, value)
+		r.exit()
+		if !ok {
+			c.metricsDropped.Add(1)
+		}
+		return
+	}
+}
