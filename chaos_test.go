@@ -177,7 +177,7 @@ func TestChaosWallClockJumps(t *testing.T) {
 	var wallOffset atomic.Int64
 	wall := func() time.Time { return time.Now().Add(time.Duration(wallOffset.Load())) }
 	c := idleClientWall(t, mono.read, wall, nil)
-	c.applyLease(leaseAnswer{policy: &Policy{Version: 1, GlobalMaxWeight: 1}, ttl: 10*time.Second}, false, 0)
+	c.applyLease(leaseAnswer{policy: &Policy{Version: 1, GlobalMaxWeight: 1}, ttl: 10 * time.Second}, false, 0)
 
 	step := func(advance time.Duration, jump time.Duration, want Mode) {
 		t.Helper()
@@ -186,12 +186,12 @@ func TestChaosWallClockJumps(t *testing.T) {
 		c.leaseExpired() // as the lease timer would, whenever it fires
 		assert.Equal(t, want, c.Mode(), "after %v of monotonic time and a wall jump of %v", mono.read(), jump)
 	}
-	step(5*time.Second, time.Hour, ModeEnforcing)    // wall clock leaps ahead past the lease
-	step(4*time.Second, -2*time.Hour, ModeEnforcing) // and back before it was granted
-	step(999*time.Millisecond, 0, ModeEnforcing)     // 1 ms before expiry
-	step(time.Millisecond, -time.Hour, ModeSafeMode) // expiry on the monotonic clock
-	c.applyLease(leaseAnswer{ttl: 10*time.Second}, true, 0)       // renewed
-	step(9*time.Second, 24*time.Hour, ModeEnforcing) // a day's wall jump does not expire it
+	step(5*time.Second, time.Hour, ModeEnforcing)             // wall clock leaps ahead past the lease
+	step(4*time.Second, -2*time.Hour, ModeEnforcing)          // and back before it was granted
+	step(999*time.Millisecond, 0, ModeEnforcing)              // 1 ms before expiry
+	step(time.Millisecond, -time.Hour, ModeSafeMode)          // expiry on the monotonic clock
+	c.applyLease(leaseAnswer{ttl: 10 * time.Second}, true, 0) // renewed
+	step(9*time.Second, 24*time.Hour, ModeEnforcing)          // a day's wall jump does not expire it
 	step(time.Second, -48*time.Hour, ModeSafeMode)
 }
 

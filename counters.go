@@ -89,14 +89,14 @@ const sealBit = 1 << 63
 // allocation the first time the window sees it, and its health and metrics
 // with one allocation each on their first sample.
 type window struct {
-	seed  uint64
-	start time.Duration // client clock when the window opened
-	slots [tableSize]atomic.Pointer[tagCounter]
+	seed     uint64
+	start    time.Duration // client clock when the window opened
+	slots    [tableSize]atomic.Pointer[tagCounter]
 	n        atomic.Int32 // places taken, at most MaxWindowTags
 	full     atomic.Bool  // a tag was refused a place: no more are given
 	inflight atomic.Int32 // inserts holding a place, not yet in a slot or given back
-	other tagCounter   // OtherTag
-	site  tagCounter   // samples with no tag of their own: Observe, Record("")
+	other    tagCounter   // OtherTag
+	site     tagCounter   // samples with no tag of their own: Observe, Record("")
 
 	writers [writerStripes]writerStripe
 }
@@ -110,10 +110,10 @@ func newWindow(seed uint64, start time.Duration) *window {
 // single lookup, and holds the tag's health and metrics once it has some.
 type tagCounter struct {
 	// Read by every Gate of the tag: kept off the written cache lines.
-	tag     string
-	hash    uint64
-	lim     atomic.Pointer[tagLimit] // nil for OtherTag, whose tags vary
-	lim0    tagLimit                 // the first lim, allocated with the counter
+	tag      string
+	hash     uint64
+	lim      atomic.Pointer[tagLimit] // nil for OtherTag, whose tags vary
+	lim0     tagLimit                 // the first lim, allocated with the counter
 	health   atomic.Pointer[health]
 	metrics  atomic.Pointer[metricSet]
 	overflow bool // a marker: the tag came when the window was full; it counts under OtherTag

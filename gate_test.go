@@ -248,7 +248,7 @@ func TestApplyLeaseVersionRules(t *testing.T) {
 
 func TestLeaseExpiryAndRenewal(t *testing.T) {
 	c := idleClient(t, nil, nil)
-	c.applyLease(leaseAnswer{policy: &Policy{Version: 2, GlobalMaxWeight: 0}, ttl: 50*time.Millisecond}, false, 0)
+	c.applyLease(leaseAnswer{policy: &Policy{Version: 2, GlobalMaxWeight: 0}, ttl: 50 * time.Millisecond}, false, 0)
 	assert.Equal(t, ModeEnforcing, c.Mode())
 	eventually(t, func() bool { return c.Mode() == ModeSafeMode }, "the lease timer enters safe mode")
 	assert.EqualValues(t, 2, c.Policy().Version, "Policy() is the last applied one in safe mode too")
@@ -266,7 +266,7 @@ func TestLeaseExpiryAndRenewal(t *testing.T) {
 func TestLeaseRunsOnTheClientClock(t *testing.T) {
 	var clk fakeClock
 	c := idleClient(t, clk.read, nil)
-	c.applyLease(leaseAnswer{policy: &Policy{Version: 1, GlobalMaxWeight: 1}, ttl: 20*time.Millisecond}, false, 0)
+	c.applyLease(leaseAnswer{policy: &Policy{Version: 1, GlobalMaxWeight: 1}, ttl: 20 * time.Millisecond}, false, 0)
 	c.leaseExpired() // the timer fired but the clock has not moved
 	assert.Equal(t, ModeEnforcing, c.Mode())
 	clk.advance(20 * time.Millisecond)

@@ -126,9 +126,9 @@ func (m *metricSet) wire() map[string]wire.Metric {
 			Count: a.count.Load(),
 			// Finite samples can still add up past the float range; JSON
 			// has no infinity, so the sum saturates.
-			Sum:   max(-math.MaxFloat64, min(math.MaxFloat64, math.Float64frombits(a.sum.Load()))),
-			Min:   math.Float64frombits(a.min.Load()),
-			Max:   math.Float64frombits(a.max.Load()),
+			Sum: max(-math.MaxFloat64, min(math.MaxFloat64, math.Float64frombits(a.sum.Load()))),
+			Min: math.Float64frombits(a.min.Load()),
+			Max: math.Float64frombits(a.max.Load()),
 		}
 	}
 	return out
