@@ -47,7 +47,7 @@ func TestFleetSimulation(t *testing.T) {
 			PulseInterval: interval, SyncInterval: 5 * interval})
 		require.NoError(t, err)
 		fleet[i] = c
-		byInstance[c.instanceID] = i
+		byInstance[c.opts.InstanceID] = i
 	}
 	t.Logf("%d clients started together", clients)
 

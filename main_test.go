@@ -140,11 +140,22 @@ func idleClient(tb testing.TB, clock func() time.Duration, p *Policy) *Client {
 // idleClientWall is idleClient with a wall clock of the test's too.
 func idleClientWall(tb testing.TB, clock func() time.Duration, wall func() time.Time, p *Policy) *Client {
 	tb.Helper()
+	return idleClientOpts(tb, Options{}, clock, wall, p)
+}
+
+// idleClientOpts is idleClientWall with opts (its keys and BaseURL are set
+// here).
+func idleClientOpts(tb testing.TB, opts Options, clock func() time.Duration, wall func() time.Time, p *Policy) *Client {
+	tb.Helper()
 	if clock == nil {
 		start := time.Now()
 		clock = func() time.Duration { return time.Since(start) }
 	}
-	c, err := newClient(Options{PublishKey: "pk", SecretKey: testSecretKey, BaseURL: "http://127.0.0.1:1"}, clock, wall)
+	if wall == nil {
+		wall = time.Now
+	}
+	opts.PublishKey, opts.SecretKey, opts.BaseURL = "pk", testSecretKey, "http://127.0.0.1:1"
+	c, err := newClient(opts, clock, wall)
 	require.NoError(tb, err)
 	c.cancel()
 	require.NoError(tb, c.group.Wait())

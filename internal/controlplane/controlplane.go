@@ -103,6 +103,7 @@ type Faults struct {
 	BadToken      TokenFault    // /v1/token issues this kind of bad token
 	NullPolicy    bool          // answers carry "policy": null
 	AnswerFields  string        // raw JSON members added to every lease answer, such as `"pulseIntervalMs": null`
+	OtherIdentity bool          // 2xx answers are signed for another instance and site, as if relayed from them
 }
 
 type instanceSeq struct {
@@ -581,6 +582,9 @@ func (s *Server) answer(w http.ResponseWriter, r *http.Request, secret string, f
 		body = append(bytes.Repeat([]byte(" "), 1<<20), body...)
 	}
 	id := identity(r)
+	if f.OtherIdentity {
+		id.InstanceID, id.SiteID = id.InstanceID+"-other", id.SiteID+"-other"
+	}
 	sig := wire.Sign(secret, wire.ResponseCanonical(path, r.Header.Get(wire.HeaderNonce), id, body))
 	s.mu.Lock()
 	if f.Replay {

@@ -1,0 +1,172 @@
+package waitstate
+
+import (
+	"context"
+	"math"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// shedPattern gates n calls of tag and returns which were shed.
+func shedPattern(c *Client, tag string, weight float64, n int) []bool {
+	out := make([]bool, n)
+	for i := range out {
+		r := c.Gate(tag, weight)
+		out[i] = r.Reason == ReasonThrottled
+	}
+	return out
+}
+
+// TestShedEven: among the first k calls of a tag that pass the weight
+// check, ⌊k·p/100⌋ or ⌈k·p/100⌉ are shed, for every k: sheds are spread
+// evenly, never in bursts.
+func TestShedEven(t *testing.T) {
+	for _, pct := range []float64{0, 1, 10, 12.5, 25, 33.3, 50, 66.6, 99.9, 100} {
+		c := idleClient(t, nil, &Policy{Version: 1, GlobalMaxWeight: 5, TagShedPercents: map[string]float64{"pro": pct}})
+		shed := 0
+		for k, s := range shedPattern(c, "pro", 1, 2000) {
+			if s {
+				shed++
+			}
+			exact := float64(k+1) * pct / 100
+			require.True(t, float64(shed) == math.Floor(exact) || float64(shed) == math.Ceil(exact),
+				"%v %%: %d of the first %d calls shed, want ⌊%v⌋ or ⌈%v⌉", pct, shed, k+1, exact, exact)
+		}
+	}
+	c := idleClient(t, nil, &Policy{Version: 1, GlobalMaxWeight: 5, TagShedPercents: map[string]float64{"half": 50, "quarter": 25}})
+	assert.Equal(t, []bool{false, true, false, true, false, true}, shedPattern(c, "half", 1, 6), "at 50 % every other call")
+	assert.Equal(t, []bool{false, false, false, true, false, false, false, true}, shedPattern(c, "quarter", 1, 8), "at 25 % one in four")
+}
+
+func TestShedDecisions(t *testing.T) {
+	p := &Policy{Version: 1, GlobalMaxWeight: 5, TagMaxWeights: map[string]float64{"free": 1},
+		GlobalShedPercent: 100, TagShedPercents: map[string]float64{"ent": 0}}
+	c := idleClient(t, nil, p)
+	assert.Equal(t, GateResult{false, false, ReasonThrottled, 5}, c.Gate("pro", 2), "the global percent; Limit is the weight limit passed")
+	assert.Equal(t, GateResult{false, false, ReasonThrottled, 1}, c.Gate("free", 1))
+	assert.Equal(t, GateResult{false, false, ReasonTagMaxWeight, 1}, c.Gate("free", 2), "a weight denial comes first")
+	assert.Equal(t, GateResult{true, false, ReasonAllowed, 5}, c.Gate("ent", 2), "a tag's entry replaces the global percent")
+	assert.Equal(t, GateResult{true, false, ReasonAllowed, 5}, p.Gate("pro", 2), "the pure Gate checks weight only")
+	s := c.Stats()
+	assert.EqualValues(t, 1, s.Usage)
+	assert.EqualValues(t, 3, s.Bounced, "a shed call is bounced")
+}
+
+// TestShedConcurrent: with concurrent callers the count stays exact and the
+// share shed is ⌊n·p⌋ or ⌈n·p⌉ of the n calls that passed.
+func TestShedConcurrent(t *testing.T) {
+	c := idleClient(t, nil, &Policy{Version: 1, GlobalMaxWeight: 5, GlobalShedPercent: 30})
+	var shed, passed atomic.Uint64
+	var wg sync.WaitGroup
+	for range 4 {
+		wg.Go(func() {
+			for range 20000 {
+				r := c.Gate("pro", 1)
+				passed.Add(1)
+				if r.Reason == ReasonThrottled {
+					shed.Add(1)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	exact := float64(passed.Load()) * 0.3
+	assert.True(t, float64(shed.Load()) == math.Floor(exact) || float64(shed.Load()) == math.Ceil(exact), "%d shed of %d", shed.Load(), passed.Load())
+	assert.Equal(t, shed.Load(), c.Stats().Bounced)
+}
+
+// enterSafeMode expires c's lease on its fake clock.
+func enterSafeMode(t *testing.T, c *Client, clock *fakeClock) {
+	t.Helper()
+	clock.advance(2 * time.Hour)
+	c.leaseExpired()
+	require.Equal(t, ModeSafeMode, c.Mode())
+}
+
+func TestSafeModeStrategies(t *testing.T) {
+	policy := &Policy{Version: 3, GlobalMaxWeight: 5, TagMaxWeights: map[string]float64{"free": 0}, TagShedPercents: map[string]float64{"pro": 50}}
+	inf := math.Inf(1)
+
+	t.Run("fixed_rps", func(t *testing.T) {
+		var clock fakeClock
+		c := idleClientOpts(t, Options{SafeModeMaxRPS: 3}, clock.read, nil, policy)
+		enterSafeMode(t, c, &clock)
+		var got []GateResult
+		for _, tag := range []string{"free", "ent", "pro", "x"} {
+			got = append(got, c.Gate(tag, 1e9))
+		}
+		assert.Equal(t, []GateResult{{true, false, ReasonSafeMode, inf}, {true, false, ReasonSafeMode, inf}, {true, false, ReasonSafeMode, inf},
+			{false, false, ReasonSafeModeLimit, inf}}, got, "a burst of one second's worth, whatever the tag or weight")
+		clock.advance(time.Second / 3)
+		assert.True(t, c.Gate("free", 1).Allowed, "then the rate")
+	})
+	t.Run("last_policy", func(t *testing.T) {
+		var clock fakeClock
+		c := idleClientOpts(t, Options{SafeMode: SafeModeLastPolicy}, clock.read, nil, policy)
+		enterSafeMode(t, c, &clock)
+		assert.Equal(t, GateResult{false, false, ReasonTagMaxWeight, 0}, c.Gate("free", 1))
+		assert.Equal(t, GateResult{true, false, ReasonAllowed, 5}, c.Gate("ent", 5))
+		assert.Equal(t, GateResult{false, false, ReasonGlobalMaxWeight, 5}, c.Gate("ent", 6))
+		assert.Equal(t, []bool{false, true, false, true}, shedPattern(c, "pro", 1, 4), "shedding included")
+		for range 1000 {
+			require.True(t, c.Gate("ent", 1).Allowed, "no rate cap")
+		}
+	})
+	t.Run("open", func(t *testing.T) {
+		var clock fakeClock
+		c := idleClientOpts(t, Options{SafeMode: SafeModeOpen}, clock.read, nil, policy)
+		enterSafeMode(t, c, &clock)
+		for _, tag := range []string{"free", "pro", "x"} {
+			for range 100 {
+				require.Equal(t, GateResult{true, false, ReasonSafeMode, inf}, c.Gate(tag, 1e9))
+			}
+		}
+		assert.EqualValues(t, 3, c.Policy().Version, "Policy is still the last one")
+	})
+}
+
+func TestShadow(t *testing.T) {
+	c := idleClientOpts(t, Options{Shadow: true}, nil, nil, &Policy{Version: 1, GlobalMaxWeight: 5,
+		TagMaxWeights: map[string]float64{"free": 0}, TagShedPercents: map[string]float64{"pro": 100}})
+	assert.Equal(t, GateResult{true, true, ReasonTagMaxWeight, 0}, c.Gate("free", 1))
+	assert.Equal(t, GateResult{true, true, ReasonThrottled, 5}, c.Gate("pro", 1))
+	assert.Equal(t, GateResult{true, false, ReasonAllowed, 5}, c.Gate("ent", 1), "an allowed call is not shadowed")
+	s := c.Stats()
+	assert.EqualValues(t, 1, s.Usage)
+	assert.EqualValues(t, 2, s.Bounced, "would-be denials are counted as bounced")
+	p := cutPulse(t, c, false)
+	assert.True(t, p.Shadow)
+	assert.EqualValues(t, 1, p.Tags["free"].Bounced)
+}
+
+func TestOffline(t *testing.T) {
+	cp := newPlane(t)
+	initial := &Policy{Version: 4, GlobalMaxWeight: 2}
+	c, err := New(Options{Offline: true, InitialPolicy: initial, BaseURL: cp.URL})
+	require.NoError(t, err, "no keys needed offline")
+	assert.Nil(t, c.group, "no goroutine started")
+	assert.NoError(t, c.Ready(context.Background()))
+	assert.Equal(t, ModeEnforcing, c.Mode())
+	assert.Equal(t, GateResult{false, false, ReasonGlobalMaxWeight, 2}, c.Gate("a", 3))
+	assert.Equal(t, GateResult{true, false, ReasonAllowed, 2}, c.Gate("a", 1))
+	c.ObserveTag("a", time.Millisecond, false)
+	c.Record("a", "depth", 1)
+	initial.GlobalMaxWeight = 100 // New kept a copy
+	assert.Equal(t, GateResult{false, false, ReasonGlobalMaxWeight, 2}, c.Gate("a", 3))
+	s := c.Stats()
+	assert.EqualValues(t, 1, s.Usage)
+	assert.EqualValues(t, 2, s.Bounced)
+	assert.NoError(t, c.Close())
+	assert.Equal(t, s.Usage, c.Stats().Usage, "counts stay in Stats after Close")
+	assert.Empty(t, cp.Requests(), "nothing was sent")
+
+	open, err := New(Options{Offline: true})
+	require.NoError(t, err)
+	assert.Equal(t, failOpen, open.Gate("a", 1e9), "without an initial policy: fail open")
+	assert.NoError(t, open.Close())
+}
