@@ -59,11 +59,14 @@ const (
 )
 
 // newPlane starts a control plane that knows the test keys and closes it
-// when the test ends.
+// when the test ends. Its leases last a minute, so that a loaded machine
+// cannot run one out in the middle of a test that counts decisions; a test
+// of expiry sets its own.
 func newPlane(t testing.TB) *controlplane.Server {
 	t.Helper()
 	cp := controlplane.New()
 	cp.AddKey(testPublishKey, testSecretKey)
+	cp.SetLeaseTTL(time.Minute)
 	t.Cleanup(cp.Close)
 	return cp
 }
@@ -173,3 +176,15 @@ func idleClientOpts(tb testing.TB, opts Options, clock func() time.Duration, wal
 // newDiscardLogger is a *log.Logger that writes nowhere, for servers whose
 // recovered panics are expected.
 func newDiscardLogger() *log.Logger { return log.New(io.Discard, "", 0) }
+
+// sprintf is fmt.Sprintf with a format that is not a constant, for tests
+// that try every verb.
+func sprintf(format string, v any) string { return fmt.Sprintf(format, v) }
+
+// newTestLogger logs to w as text, or as JSON.
+func newTestLogger(w io.Writer, asJSON bool) *slog.Logger {
+	if asJSON {
+		return slog.New(slog.NewJSONHandler(w, nil))
+	}
+	return slog.New(slog.NewTextHandler(w, nil))
+}

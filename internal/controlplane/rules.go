@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"math"
 	"time"
 )
@@ -242,10 +243,10 @@ func (st *ruleState) step(r Rule, m Metrics, now time.Time) (changed bool, value
 // rule's tag (or the global limit) gets at most its maxWeight, so of several
 // rules on one tag the strictest wins.
 func overlay(base Policy, rules []Rule, firing map[string]*ruleState) Policy {
-	p := Policy{Version: base.Version, GlobalMaxWeight: base.GlobalMaxWeight, TagMaxWeights: make(map[string]float64, len(base.TagMaxWeights))}
-	for k, v := range base.TagMaxWeights {
-		p.TagMaxWeights[k] = v
-	}
+	p := base
+	p.TagMaxWeights = make(map[string]float64, len(base.TagMaxWeights))
+	maps.Copy(p.TagMaxWeights, base.TagMaxWeights)
+	p.TagShedPercents = maps.Clone(base.TagShedPercents)
 	var active []Rule
 	for _, r := range rules {
 		if st := firing[r.Name]; st != nil && st.firing {
