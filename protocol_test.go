@@ -176,7 +176,10 @@ func TestProtocolControlPlaneSetsIntervals(t *testing.T) {
 		cp.SetPolicy("", controlplane.Policy{Version: 1, GlobalMaxWeight: 5})
 		cp.SetIntervals(time.Millisecond, time.Millisecond)
 		c, _ := startClient(t, testOptions(cp))
-		eventually(t, func() bool { s := c.Stats(); return s.SyncInterval == 100*time.Millisecond && s.PulseInterval == 100*time.Millisecond }, "100 ms at least")
+		eventually(t, func() bool {
+			s := c.Stats()
+			return s.SyncInterval == 100*time.Millisecond && s.PulseInterval == 100*time.Millisecond
+		}, "100 ms at least")
 	})
 }
 
