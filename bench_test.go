@@ -1,8 +1,10 @@
 package waitstate
 
 import (
+	"fmt"
 	"math"
 	"testing"
+	"time"
 
 	"golang.org/x/time/rate"
 )
@@ -76,4 +78,76 @@ func BenchmarkRateAllowParallel(b *testing.B) {
 			l.Allow()
 		}
 	})
+}
+
+// BenchmarkGateShed gates a tag throttled to 50 %: every other call is
+// shed.
+func BenchmarkGateShed(b *testing.B) {
+	c := idleClient(b, nil, &Policy{Version: 1, GlobalMaxWeight: 10, TagShedPercents: map[string]float64{"pro": 50}})
+	c.Gate("pro", 1)
+	b.ReportAllocs()
+	for b.Loop() {
+		c.Gate("pro", 2)
+	}
+}
+
+// floodTags are distinct tags, none of them in a full window.
+var floodTags = func() []string {
+	tags := make([]string, 1<<14)
+	for i := range tags {
+		tags[i] = fmt.Sprintf("tenant-%08d", i)
+	}
+	return tags
+}()
+
+// BenchmarkGateTagFlood gates a new tag on every call once the window is
+// full: each is counted under OtherTag after a bounded probe.
+func BenchmarkGateTagFlood(b *testing.B) {
+	c := benchClient(b)
+	for i := range MaxWindowTags {
+		c.Gate(fmt.Sprint("resident-", i), 1)
+	}
+	b.ReportAllocs()
+	i := 0
+	for b.Loop() {
+		c.Gate(floodTags[i&(len(floodTags)-1)], 2)
+		i++
+	}
+}
+
+// benchLatencies are the latencies the health benchmarks record, spread
+// over several buckets.
+var benchLatencies = [8]time.Duration{900 * time.Microsecond, 2 * time.Millisecond, 3 * time.Millisecond, 5 * time.Millisecond,
+	8 * time.Millisecond, 13 * time.Millisecond, 21 * time.Millisecond, 340 * time.Millisecond}
+
+func BenchmarkObserveTag(b *testing.B) {
+	c := benchClient(b)
+	b.ReportAllocs()
+	i := 0
+	for b.Loop() {
+		c.ObserveTag(benchTags[i&3], benchLatencies[i&7], i&15 == 0)
+		i++
+	}
+}
+
+func BenchmarkObserveTagParallel(b *testing.B) {
+	c := benchClient(b)
+	b.ReportAllocs()
+	b.RunParallel(func(pb *testing.PB) {
+		i := 0
+		for pb.Next() {
+			c.ObserveTag(benchTags[i&3], benchLatencies[i&7], i&15 == 0)
+			i++
+		}
+	})
+}
+
+func BenchmarkRecord(b *testing.B) {
+	c := benchClient(b)
+	b.ReportAllocs()
+	i := 0
+	for b.Loop() {
+		c.Record(benchTags[i&3], "queue_depth", float64(i&31))
+		i++
+	}
 }

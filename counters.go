@@ -196,7 +196,7 @@ func (w *window) lookup(tag string, p *Policy) *tagCounter {
 	h := tagHash(w.seed, tag)
 	i := h & (tableSize - 1)
 	var fresh *tagCounter
-	for range maxProbe {
+	for probe := range maxProbe {
 		c := w.slots[i].Load()
 		if c == nil {
 			if fresh == nil {
@@ -205,7 +205,7 @@ func (w *window) lookup(tag string, p *Policy) *tagCounter {
 					if settled {
 						return &w.other
 					}
-					return w.settle(tag, h)
+					return w.settle(tag, h, i, probe)
 				}
 			}
 			if w.slots[i].CompareAndSwap(nil, fresh) {
@@ -238,8 +238,17 @@ func (w *window) lookup(tag string, p *Policy) *tagCounter {
 // the same tag, about to take the slot this call found empty, and only a
 // compare-and-swap on that slot can settle which of the two the tag is.
 func (w *window) entry(tag string, h uint64, p *Policy) (c *tagCounter, settled bool) {
+	if w.full.Load() && w.inflight.Load() == 0 {
+		// The common case of a flood: nothing will be stored, so nothing
+		// is written and the tag need not be checked (an invalid one is
+		// not in the table for settle to find).
+		return nil, false
+	}
 	if tag == OtherTag || !utf8.ValidString(tag) {
 		return nil, true
+	}
+	if w.full.Load() {
+		return &tagCounter{tag: strings.Clone(tag), hash: h, overflow: true}, false
 	}
 	w.inflight.Add(1) // before reserve: settle must see us (invariant 2)
 	if w.reserve() {
@@ -274,9 +283,10 @@ func (w *window) reserve() bool {
 // settle finds where a tag goes once the window is full and no insert is
 // in flight: no tag can get a place any more, so the table holds all it
 // will ever hold. The tag is counted where it is found, else under OtherTag.
-func (w *window) settle(tag string, h uint64) *tagCounter {
-	i := h & (tableSize - 1)
-	for range maxProbe {
+// The probe goes on from slot i, its probe-th, found empty by lookup: the
+// slots before it were taken by other tags and never change (invariant 1).
+func (w *window) settle(tag string, h uint64, i uint64, probe int) *tagCounter {
+	for range maxProbe - probe {
 		c := w.slots[i].Load()
 		switch {
 		case c == nil:
