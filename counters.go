@@ -190,10 +190,24 @@ func (t *tagCounter) peek() tagCount {
 // caller then counts in the next window. A new counter caches the tag's
 // limit under p.
 func (w *window) lookup(tag string, p *Policy) *tagCounter {
+	h, ok := hashTag(w.seed, tag)
+	return w.lookupHashed(tag, h, ok, p)
+}
+
+// hashTag hashes a tag that can be stored; a tag longer than
+// MaxTagNameBytes never is, and is not hashed (ok is false).
+func hashTag(seed uint64, tag string) (h uint64, ok bool) {
 	if len(tag) > MaxTagNameBytes {
-		return &w.other // never hashed, never stored
+		return 0, false
 	}
-	h := tagHash(w.seed, tag)
+	return tagHash(seed, tag), true
+}
+
+// lookupHashed is lookup given hashTag's answer for tag.
+func (w *window) lookupHashed(tag string, h uint64, hashed bool, p *Policy) *tagCounter {
+	if !hashed {
+		return &w.other // never stored
+	}
 	i := h & (tableSize - 1)
 	var fresh *tagCounter
 	for probe := range maxProbe {

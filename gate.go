@@ -145,8 +145,9 @@ const (
 type view struct {
 	mode   Mode
 	answer answer
-	policy *Policy // in force: DefaultPolicy until one is applied
-	win    *window // nil once the client is shut down: nothing is counted
+	policy *Policy      // in force: DefaultPolicy until one is applied
+	index  *policyIndex // of policy
+	win    *window      // nil once the client is shut down: nothing is counted
 }
 
 var failOpen = GateResult{Allowed: true, Reason: ReasonFailOpen, Limit: math.Inf(1)}
@@ -164,26 +165,23 @@ var failOpen = GateResult{Allowed: true, Reason: ReasonFailOpen, Limit: math.Inf
 // After Shutdown, Gate keeps answering from the last state and counts
 // nothing.
 func (c *Client) Gate(tag string, weight float64) GateResult {
+	h, hashed := hashTag(c.seed, tag)
 	v := c.view.Load()
-	ctr := v.win.lookupLive(tag, v.policy)
+	ctr := v.win.lookupLive(tag, h, hashed, v.policy)
 	for v.win != nil && ctr == nil {
 		// The window was swept before the tag got a place: the view of the
 		// next one is already published.
 		v = c.view.Load()
-		ctr = v.win.lookupLive(tag, v.policy)
+		ctr = v.win.lookupLive(tag, h, hashed, v.policy)
 	}
 	var r GateResult
 	switch v.answer {
 	case answerPolicy:
 		var l tagLimit
-		if ctr != nil {
-			if cached := ctr.lim.Load(); cached != nil && cached.policy == v.policy {
-				l = *cached // the single-lookup path
-			} else {
-				l = v.policy.limitFor(tag)
-			}
+		if cached := ctr.cachedLimit(v.policy); cached != nil {
+			l = *cached // the single-lookup path
 		} else {
-			l = v.policy.limitFor(tag)
+			l = v.index.limitFor(tag, h, hashed)
 		}
 		r = l.decide(normWeight(weight))
 		if r.Allowed && l.shed > 0 && ctr != nil && shedTurn(ctr.turns.Add(1), l.shed) {
@@ -200,10 +198,10 @@ func (c *Client) Gate(tag string, weight float64) GateResult {
 		// The window was cut between the load and the add: count in the
 		// window that replaced it. Rare, and bounded by the cut rate.
 		v = c.view.Load()
-		ctr = v.win.lookupLive(tag, v.policy)
+		ctr = v.win.lookupLive(tag, h, hashed, v.policy)
 		for v.win != nil && ctr == nil {
 			v = c.view.Load()
-			ctr = v.win.lookupLive(tag, v.policy)
+			ctr = v.win.lookupLive(tag, h, hashed, v.policy)
 		}
 	}
 	if !r.Allowed && c.opts.Shadow {
@@ -212,13 +210,25 @@ func (c *Client) Gate(tag string, weight float64) GateResult {
 	return r
 }
 
-// lookupLive is lookup on a window that may be nil (the client is shut
-// down); it then returns nil.
-func (w *window) lookupLive(tag string, p *Policy) *tagCounter {
+// lookupLive is lookupHashed on a window that may be nil (the client is
+// shut down); it then returns nil.
+func (w *window) lookupLive(tag string, h uint64, hashed bool, p *Policy) *tagCounter {
 	if w == nil {
 		return nil
 	}
-	return w.lookup(tag, p)
+	return w.lookupHashed(tag, h, hashed, p)
+}
+
+// cachedLimit is the counter's limit under p, if it has it cached; nil for
+// a nil counter, OtherTag's (whose tags vary), or a stale entry.
+func (t *tagCounter) cachedLimit(p *Policy) *tagLimit {
+	if t == nil {
+		return nil
+	}
+	if l := t.lim.Load(); l != nil && l.policy == p {
+		return l
+	}
+	return nil
 }
 
 // limiter is the lock-free GCRA limiter of safe mode: rate admissions per

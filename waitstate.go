@@ -49,9 +49,10 @@ type Client struct {
 	// mu guards the state below and every store to view. Gate never takes it.
 	mu            sync.Mutex
 	mode          Mode
-	policy        *Policy // the last applied policy (or InitialPolicy); nil before the first
-	initial       bool    // policy is Options.InitialPolicy: no lease, any version replaces it
-	fallback      *Policy // DefaultPolicy, in force until then
+	policy        *Policy      // the last applied policy (or InitialPolicy); nil before the first
+	index         *policyIndex // of policy, or of fallback while policy is nil
+	initial       bool         // policy is Options.InitialPolicy: no lease, any version replaces it
+	fallback      *Policy      // DefaultPolicy, in force until then
 	win           *window // the live window; nil after the final cut
 	leaseDeadline time.Duration
 	leaseTimer    *time.Timer
@@ -129,8 +130,10 @@ func newClient(opts Options, clock func() time.Duration, wall func() time.Time) 
 	c.http.CheckRedirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
 
 	c.win = newWindow(c.seed, c.clock())
+	c.index = newPolicyIndex(c.fallback, c.seed)
 	if o.InitialPolicy != nil {
 		c.policy, c.initial, c.mode = o.InitialPolicy, true, ModeEnforcing
+		c.index = newPolicyIndex(c.policy, c.seed)
 	}
 	if o.InitialPolicy != nil || o.Offline {
 		c.isReady = true
@@ -156,7 +159,7 @@ func (c *Client) publish() {
 	if p == nil {
 		p = c.fallback
 	}
-	v := &view{mode: c.mode, policy: p, win: c.win}
+	v := &view{mode: c.mode, policy: p, index: c.index, win: c.win}
 	switch {
 	case c.mode == ModeEnforcing, c.mode == ModeSafeMode && c.opts.SafeMode == SafeModeLastPolicy:
 		v.answer = answerPolicy
@@ -346,6 +349,7 @@ func (c *Client) applyLeaseLocked(a leaseAnswer, fromPulse bool, gen uint64) {
 			c.pulseGen++
 		}
 		c.policy, c.initial = p, false
+		c.index = newPolicyIndex(p, c.seed)
 		if c.win != nil {
 			c.win.relimit(p) // before publish: Gate checks which policy a limit is for
 		}
