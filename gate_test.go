@@ -69,6 +69,19 @@ func TestGateAllocatesNothing(t *testing.T) {
 	c.mu.Unlock()
 	assert.Zero(t, testing.AllocsPerRun(500, gateAll), "safe_mode")
 
+	// Health and metric samples of a tag already seen in the window.
+	observe := func() {
+		for i, tag := range benchTags {
+			c.ObserveTag(tag, time.Duration(i)*time.Millisecond, i == 0)
+			c.Record(tag, "queue_depth", float64(i))
+		}
+		c.Observe(time.Millisecond, false)
+		c.Record("", "pool_wait_ms", 1)
+		c.StartTimer("free").Stop(false)
+	}
+	observe()
+	assert.Zero(t, testing.AllocsPerRun(500, observe), "ObserveTag, Record, Timer")
+
 	// Past the tag cap, unseen tags allocate nothing once the table is full.
 	for i := range 2 * tableSize {
 		c.Gate(fmt.Sprint("flood-", i), 1)
@@ -80,6 +93,7 @@ func TestGateAllocatesNothing(t *testing.T) {
 	assert.Zero(t, testing.AllocsPerRun(100, func() {
 		for _, tag := range tags {
 			c.Gate(tag, 1)
+			c.ObserveTag(tag, time.Millisecond, false)
 		}
 	}), "tag flood")
 }

@@ -53,7 +53,7 @@ type Client struct {
 	index         *policyIndex // of policy, or of fallback while policy is nil
 	initial       bool         // policy is Options.InitialPolicy: no lease, any version replaces it
 	fallback      *Policy      // DefaultPolicy, in force until then
-	win           *window // the live window; nil after the final cut
+	win           *window      // the live window; nil after the final cut
 	leaseDeadline time.Duration
 	leaseTimer    *time.Timer
 	pulseGen      uint64 // bumped when a pulse response applies a policy
