@@ -22,7 +22,7 @@ import (
 // Chaos tests: the control plane misbehaves for seconds at a time while the
 // client is under load, and the figures must still be exact.
 
-// allowedTransitions are the only mode changes SPEC §3 allows.
+// allowedTransitions are the only mode changes a client makes.
 var allowedTransitions = map[[2]Mode]bool{
 	{ModeFailOpen, ModeEnforcing}:  true,
 	{ModeEnforcing, ModeSafeMode}:  true,

@@ -107,7 +107,8 @@ func TestFleetSimulation(t *testing.T) {
 	assert.Equal(t, clients, exact, "clients whose counts the control plane has exactly")
 
 	// How the pulses spread over the interval, once the start-up burst (every
-	// client's first sync at once, which the SPEC asks for) has passed: by when each window was cut (windowEndMs), which is what the
+	// client's first sync runs at once) has passed: by when each window was
+	// cut (windowEndMs), which is what the
 	// client's timing decides; arrival times would also show the loaded
 	// server's queueing and GC pauses.
 	const buckets = 10

@@ -116,9 +116,14 @@ func (s *Server) AddKey(publishKey, secretKey string) { s.cp.AddKey(publishKey, 
 
 // SetPolicy sets the base policy of site; "" is the default for sites
 // without one of their own. Clients receive it, with the limits of the
-// site's firing rules applied, at their next pulse or sync.
+// site's firing rules applied, at their next pulse or sync. It panics on a
+// policy that waitstate.Policy.Validate refuses, as a test's mistake.
 func (s *Server) SetPolicy(site string, p *waitstate.Policy) {
-	s.cp.SetPolicy(site, controlplane.Policy{Version: p.Version, GlobalMaxWeight: p.GlobalMaxWeight, TagMaxWeights: p.TagMaxWeights})
+	if err := p.Validate(); err != nil {
+		panic("waitstatetest: SetPolicy: " + err.Error())
+	}
+	s.cp.SetPolicy(site, controlplane.Policy{Version: p.Version, GlobalMaxWeight: p.GlobalMaxWeight, TagMaxWeights: p.TagMaxWeights,
+		GlobalShedPercent: p.GlobalShedPercent, TagShedPercents: p.TagShedPercents})
 }
 
 // SetPolicyJSON sets a policy as raw JSON, served as it is, for testing how
@@ -132,7 +137,8 @@ func (s *Server) Policy(site string) (*waitstate.Policy, bool) {
 	if !ok {
 		return nil, false
 	}
-	return &waitstate.Policy{Version: p.Version, GlobalMaxWeight: p.GlobalMaxWeight, TagMaxWeights: p.TagMaxWeights}, true
+	return &waitstate.Policy{Version: p.Version, GlobalMaxWeight: p.GlobalMaxWeight, TagMaxWeights: p.TagMaxWeights,
+		GlobalShedPercent: p.GlobalShedPercent, TagShedPercents: p.TagShedPercents}, true
 }
 
 // SetRules sets the reflex rules of site ("" is the default for sites
@@ -148,6 +154,11 @@ func (s *Server) SetRuleWindow(d time.Duration) { s.cp.SetRuleWindow(d) }
 // SetLeaseTTL sets the lease of every answer; 0 lets clients use their
 // default of three times their longer interval.
 func (s *Server) SetLeaseTTL(d time.Duration) { s.cp.SetLeaseTTL(d) }
+
+// SetIntervals sets the pulse and sync intervals every answer carries;
+// clients adopt them from their next tick, clamped to [100 ms, 10 min]. 0
+// leaves an interval out of the answers.
+func (s *Server) SetIntervals(pulse, sync time.Duration) { s.cp.SetIntervals(pulse, sync) }
 
 // SetFaults makes the control plane misbehave as f says, until the next
 // SetFaults or Heal.
