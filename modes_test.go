@@ -170,3 +170,22 @@ func TestOffline(t *testing.T) {
 	assert.Equal(t, failOpen, open.Gate("a", 1e9), "without an initial policy: fail open")
 	assert.NoError(t, open.Close())
 }
+
+// TestPolicyAppliedOncePerPolicy: a sync that brings the policy in force
+// applies nothing and calls nothing; one with the same version but other
+// content is applied, since a GET is authoritative (a restarted control
+// plane may reuse a version).
+func TestPolicyAppliedOncePerPolicy(t *testing.T) {
+	var applied []float64
+	c := idleClientOpts(t, Options{OnPolicyApplied: func(p *Policy) { applied = append(applied, p.GlobalMaxWeight) }}, nil, nil, nil)
+	sync := func(p *Policy) {
+		c.applyLease(leaseAnswer{policy: p, ttl: time.Hour}, false, c.pulseGenNow())
+	}
+	for range 3 {
+		sync(&Policy{Version: 1, GlobalMaxWeight: 1, TagShedPercents: map[string]float64{"a": 5}})
+	}
+	sync(&Policy{Version: 1, GlobalMaxWeight: 2})
+	sync(&Policy{Version: 1, GlobalMaxWeight: 2})
+	assert.Equal(t, []float64{1, 2}, applied)
+	assert.Equal(t, 2.0, c.Policy().GlobalMaxWeight)
+}

@@ -139,6 +139,15 @@ func (p *Policy) Clone() *Policy {
 	return &q
 }
 
+// equal reports whether p and q decide alike: same version, limits and shed
+// percents.
+func (p *Policy) equal(q *Policy) bool {
+	return p.Version == q.Version && p.GlobalMaxWeight == q.GlobalMaxWeight &&
+		p.GlobalShedPercent == q.GlobalShedPercent &&
+		maps.Equal(p.TagMaxWeights, q.TagMaxWeights) && maps.Equal(p.TagShedPercents, q.TagShedPercents)
+}
+
+
 // Validate reports what makes p unusable, as an error wrapping
 // ErrBadPolicy: a negative version, a weight that is NaN or negative, a
 // shed percent outside [0, 100], more than MaxPolicyTags distinct tags, or

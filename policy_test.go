@@ -81,7 +81,24 @@ func badPolicies() map[string]string {
 		many[fmt.Sprintf("t%d", i)] = 1
 	}
 	manyJSON, _ := json.Marshal(many)
+	// 5,001 weight tags and 5,000 other shed tags: 10,001 distinct names.
+	weights, sheds := map[string]int{}, map[string]int{}
+	for i := range MaxPolicyTags/2 + 1 {
+		weights[fmt.Sprintf("w%d", i)] = 1
+		sheds[fmt.Sprintf("s%d", i)] = 1
+	}
+	delete(sheds, "s0")
+	sheds["w0"] = 1 // shared with the weights: counted once
+	weightsJSON, _ := json.Marshal(weights)
+	shedsJSON, _ := json.Marshal(sheds)
 	return map[string]string{
+		"negative shed":          `{"version": 2, "globalShedPercent": -1}`,
+		"shed over 100":          `{"version": 2, "tagShedPercents": {"pro": 100.5}}`,
+		"shed as a string":       `{"version": 2, "tagShedPercents": {"pro": "50"}}`,
+		"shed null":              `{"version": 2, "globalShedPercent": null}`,
+		"shed NaN":               `{"version": 2, "tagShedPercents": {"pro": "NaN"}}`,
+		"shed tag of 257 bytes":  `{"version": 2, "tagShedPercents": {"` + strings.Repeat("a", 257) + `": 1}}`,
+		"10,001 tags in all":     `{"version": 2, "tagMaxWeights": ` + string(weightsJSON) + `, "tagShedPercents": ` + string(shedsJSON) + `}`,
 		"negative weight":        `{"version": 2, "globalMaxWeight": 5, "tagMaxWeights": {"free": -1}}`,
 		"tiny negative weight":   `{"version": 2, "tagMaxWeights": {"free": -1e-400}}`,
 		"negative global":        `{"version": 2, "globalMaxWeight": -0.5}`,

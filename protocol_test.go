@@ -270,9 +270,10 @@ func TestProtocolInitialPolicy(t *testing.T) {
 	cp.SetFaults(controlplane.Faults{})
 	eventually(t, func() bool { return c.Policy().Version == 1 }, "the control plane's v1 replaces the initial v100")
 	assert.Equal(t, GateResult{true, false, ReasonAllowed, 9}, c.Gate("a", 2))
-	mu.Lock()
-	assert.Equal(t, int64(1), applied[0], "OnPolicyApplied is not called for the initial policy")
-	mu.Unlock()
+	// Callbacks run just after the change is visible: wait for this one.
+	appliedSoFar := func() []int64 { mu.Lock(); defer mu.Unlock(); return slices.Clone(applied) }
+	eventually(t, func() bool { return len(appliedSoFar()) > 0 }, "OnPolicyApplied for v1")
+	assert.Equal(t, int64(1), appliedSoFar()[0], "OnPolicyApplied is not called for the initial policy")
 	assert.Positive(t, c.Stats().LeaseRemaining, "now leased")
 }
 
@@ -331,7 +332,23 @@ func TestProtocolCallbacks(t *testing.T) {
 
 	mu.Lock()
 	defer mu.Unlock()
-	assert.Equal(t, []string{"policy v1", "fail_open→enforcing", "policy v2", "enforcing→safe_mode", "safe_mode→enforcing"}, log)
+	// Shutdown ran every queued callback. The policies came in order, and
+	// each change of mode starts where the one before it ended: a loaded
+	// machine may add a lease expiry, never a change out of order.
+	var policies []string
+	modes := []string{"fail_open"}
+	for _, entry := range log {
+		if from, to, ok := strings.Cut(entry, "→"); ok {
+			require.Equal(t, modes[len(modes)-1], from, "changes in order: %q", log)
+			modes = append(modes, to)
+		} else {
+			policies = append(policies, entry)
+		}
+	}
+	assert.Equal(t, []string{"policy v1", "policy v2"}, policies)
+	assert.Equal(t, "policy v1", log[0], "v1 is applied before the mode changes to enforcing")
+	assert.Contains(t, modes, "safe_mode")
+	assert.Equal(t, "enforcing", modes[len(modes)-1])
 	assert.Contains(t, logs.String(), "a callback panicked")
 }
 

@@ -343,6 +343,8 @@ func (c *Client) applyLeaseLocked(a leaseAnswer, fromPulse bool, gen uint64) {
 		p = nil // a pulse brings only newer policies
 	case !fromPulse && gen != c.pulseGen && held != nil && held.Version > p.Version:
 		p = nil // a pulse applied a newer policy while the GET was in flight
+	case held != nil && p.equal(held):
+		p = nil // a sync of the policy in force: nothing to apply
 	}
 	if p != nil {
 		if fromPulse {
@@ -353,10 +355,8 @@ func (c *Client) applyLeaseLocked(a leaseAnswer, fromPulse bool, gen uint64) {
 		if c.win != nil {
 			c.win.relimit(p) // before publish: Gate checks which policy a limit is for
 		}
-		if held == nil || held.Version != p.Version {
-			c.log.Info("waitstate: policy applied", "version", p.Version,
-				"tag_limits", len(p.TagMaxWeights), "tag_shed_percents", len(p.TagShedPercents))
-		}
+		c.log.Info("waitstate: policy applied", "version", p.Version,
+			"tag_limits", len(p.TagMaxWeights), "tag_shed_percents", len(p.TagShedPercents))
 		if c.opts.OnPolicyApplied != nil {
 			c.events = append(c.events, event{policy: p.Clone()})
 		}
