@@ -147,7 +147,6 @@ func (p *Policy) equal(q *Policy) bool {
 		maps.Equal(p.TagMaxWeights, q.TagMaxWeights) && maps.Equal(p.TagShedPercents, q.TagShedPercents)
 }
 
-
 // Validate reports what makes p unusable, as an error wrapping
 // ErrBadPolicy: a negative version, a weight that is NaN or negative, a
 // shed percent outside [0, 100], more than MaxPolicyTags distinct tags, or
