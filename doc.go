@@ -15,12 +15,16 @@
 // plane: the pulse goroutine sends usage and health telemetry every
 // [Options.PulseInterval], and the sync goroutine refreshes a JWT and fetches
 // the policy every [Options.SyncInterval]. The control plane aggregates the
-// fleet's pulses, runs reflex rules ("p95 latency above 500 ms: block tag
-// free") and answers with a [Policy]: a global maximum weight and per-tag
-// maximum weights.
+// fleet's pulses, runs reflex rules ("when enterprise p95 > 300 ms, block
+// free, throttle pro to 50 %") and answers with a [Policy]: weight limits and
+// shed percents, global and per tag.
 //
-// [HTTPMiddleware] gates net/http handlers and records each served request as
-// a health sample; [Client.Observe] records samples for other work.
+// Health is measured per tag: [Client.StartTimer] and [Timer.Stop], or
+// [Client.ObserveTag], record one sample of a tag's traffic (its latency and
+// whether it failed); [Client.Observe] records a site-wide one.
+// [Client.Record] records a sample of a custom metric, such as a queue depth.
+// [Client.HTTPMiddleware] gates net/http handlers and records each served
+// request under its tag.
 //
 // # Lifecycle
 //
@@ -35,8 +39,11 @@
 //
 // A Gate call of weight w for tag t is allowed when w is at most the tag's
 // entry in [Policy.TagMaxWeights], or [Policy.GlobalMaxWeight] when the tag
-// has none. [Policy.Gate] is the same decision as a pure function, for use
-// without a client.
+// has none, and it is not among the calls shed at the tag's shed percent
+// ([Policy.TagShedPercents], else [Policy.GlobalShedPercent]). Shedding is
+// even, not random: at 50 % every other call is shed ([ReasonThrottled]).
+// [Policy.Gate] is the weight check as a pure function, for use without a
+// client.
 //
 // The client answers in one of three modes ([Mode]):
 //
@@ -46,25 +53,40 @@
 //     request.
 //   - [ModeEnforcing] while a policy is held and its lease is valid. Every
 //     authenticated answer renews the lease, measured on the monotonic clock.
-//   - [ModeSafeMode] when the lease expires without renewal: at most
-//     [Options.SafeModeMaxRPS] admissions per second, whatever the tag or
-//     weight, until a renewal returns the client to enforcing.
+//   - [ModeSafeMode] when the lease expires without renewal, until a renewal
+//     returns the client to enforcing. [Options.SafeMode] chooses what Gate
+//     does then: [SafeModeFixedRPS] (the default) admits
+//     [Options.SafeModeMaxRPS] calls per second whatever the tag or weight,
+//     [SafeModeLastPolicy] keeps answering with the last policy, and
+//     [SafeModeOpen] allows everything.
+//
+// [Options.Shadow] makes a dry run: Gate decides and counts as usual but
+// always allows, marking would-be denials with [GateResult.Shadowed].
+// [Options.InitialPolicy] enforces a policy from New until the control
+// plane's first one; [Options.Offline] runs without a control plane at all.
+// [Options.OnModeChange] and [Options.OnPolicyApplied] report changes, off
+// the Gate path.
 //
 // # Telemetry and signing
 //
 // Every Gate call is counted exactly once, globally and per tag (up to
-// [MaxWindowTags] distinct tags per window, the rest under [OtherTag]). A
-// window is cut into a pulse with a sequence number; a pulse whose outcome is
-// unknown is sent again, unchanged, until it is acknowledged, and the control
-// plane counts each (instance, seq) once.
+// [MaxWindowTags] distinct tags per window, the rest under [OtherTag], as are
+// tags longer than [MaxTagNameBytes] or not valid UTF-8). Each health sample
+// lands whole in one window, so every pulse has errors <= requests. A window
+// is cut into a pulse with a sequence number, carrying per-tag counts,
+// health with a latency histogram, and custom metrics; a pulse whose outcome
+// is unknown is sent again, unchanged, until it is acknowledged, and the
+// control plane counts each (instance, seq) once. The control plane may set
+// the pulse and sync intervals in its answers.
 //
 // Requests to the control plane are signed with HMAC-SHA256 over a canonical
-// string that binds method, path, timestamp, a fresh nonce and the body's
-// hash. Answers are signed too, bound to the request's nonce, and verified
-// in constant time: a forged, replayed or oversized answer is refused and
-// changes nothing. Tokens are HS256 JWTs validated with
+// string that binds method, path, timestamp, a fresh nonce, the publish key,
+// the instance, the site and the body's hash. Answers are signed too, bound
+// to the request's nonce, instance and site, and verified in constant time:
+// a forged, replayed, relayed or oversized answer is refused and changes
+// nothing. Tokens are HS256 JWTs validated with
 // github.com/golang-jwt/jwt/v5. The secret key is never sent, logged or put
-// in an error.
+// in an error, and values that hold it print it as [REDACTED].
 //
 // # Testing
 //

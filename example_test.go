@@ -104,3 +104,93 @@ func ExampleClient_HTTPMiddleware() {
 	// pro: 200 report generated
 	// free: 429 {"error":"rate_limited","reason":"tag_max_weight"}
 }
+
+// A client with no control plane at all enforces a policy it ships, here
+// throttling "pro" to 50 %: every other call is shed, evenly.
+func ExampleOptions_offline() {
+	client, err := waitstate.New(waitstate.Options{
+		Offline:       true,
+		InitialPolicy: &waitstate.Policy{Version: 1, GlobalMaxWeight: 10, TagShedPercents: map[string]float64{"pro": 50}},
+	})
+	if err != nil {
+		panic(err)
+	}
+	defer client.Close()
+	for range 4 {
+		r := client.Gate("pro", 1)
+		fmt.Println(r.Allowed, r.Reason)
+	}
+	// Output:
+	// true allowed
+	// false throttled
+	// true allowed
+	// false throttled
+}
+
+// Shadow mode is a dry run: every call is allowed, and the ones the policy
+// would deny say so.
+func ExampleOptions_shadow() {
+	client, err := waitstate.New(waitstate.Options{
+		Offline:       true, // here; in production, with keys, pulses say "shadow": true
+		Shadow:        true,
+		InitialPolicy: &waitstate.Policy{Version: 1, GlobalMaxWeight: 10, TagMaxWeights: map[string]float64{"free": 0}},
+	})
+	if err != nil {
+		panic(err)
+	}
+	defer client.Close()
+	for _, tag := range []string{"free", "pro"} {
+		r := client.Gate(tag, 1)
+		fmt.Printf("%s: allowed=%v shadowed=%v reason=%s\n", tag, r.Allowed, r.Shadowed, r.Reason)
+	}
+	fmt.Println("bounced:", client.Stats().Bounced)
+	// Output:
+	// free: allowed=true shadowed=true reason=tag_max_weight
+	// pro: allowed=true shadowed=false reason=allowed
+	// bounced: 1
+}
+
+// Health is measured per tag: a timer around the work, stopped with
+// whether it failed. Custom metrics go beside it.
+func ExampleClient_StartTimer() {
+	srv := waitstatetest.NewServer()
+	defer srv.Close()
+	srv.SetPolicy("", &waitstate.Policy{Version: 1, GlobalMaxWeight: 10})
+	opts := srv.Options()
+	opts.PulseInterval = time.Hour // one window, sent by Close
+	client, err := waitstate.New(opts)
+	if err != nil {
+		panic(err)
+	}
+
+	for i := range 3 {
+		t := client.StartTimer("search")
+		err := search(i) // the work being measured
+		t.Stop(err != nil)
+		client.Record("search", "results", float64(10*i))
+	}
+	client.ObserveTag("export", 120*time.Millisecond, false) // a latency measured elsewhere
+	if err := client.Close(); err != nil {
+		panic(err)
+	}
+
+	pulses := srv.Pulses()
+	p := pulses[len(pulses)-1]
+	h := p.Tags["search"].Health
+	m := p.Tags["search"].Metrics["results"]
+	fmt.Printf("search: %d requests, %d errors, histogram %s\n", h.Requests, h.Errors, h.Histogram.Scheme)
+	fmt.Printf("search results: count %d, min %v, max %v\n", m.Count, m.Min, m.Max)
+	fmt.Printf("site: %d requests\n", p.Health.Requests)
+	// Output:
+	// search: 3 requests, 1 errors, histogram loglinear-us-8
+	// search results: count 3, min 0, max 20
+	// site: 4 requests
+}
+
+// search stands in for real work; its second call fails.
+func search(i int) error {
+	if i == 1 {
+		return fmt.Errorf("backend unavailable")
+	}
+	return nil
+}
