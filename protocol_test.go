@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
+	"math"
 	"net/http"
 	"net/http/httptest"
 	"slices"
@@ -409,4 +411,59 @@ func TestSecretsNeverPrinted(t *testing.T) {
 	assert.NotContains(t, all, "url-password-1234")
 	assert.Contains(t, all, testPublishKey, "the rest is still shown")
 	assert.Contains(t, all, "[REDACTED]")
+}
+
+// TestSafeModeStrategiesOverTheNetwork: a control plane that goes down
+// after a policy was applied expires the lease into safe mode, and each
+// strategy answers as it says.
+func TestSafeModeStrategiesOverTheNetwork(t *testing.T) {
+	for _, strategy := range []SafeModeStrategy{SafeModeLastPolicy, SafeModeOpen} {
+		t.Run(strategy.String(), func(t *testing.T) {
+			cp := newPlane(t)
+			cp.SetLeaseTTL(300 * time.Millisecond)
+			cp.SetPolicy("", controlplane.Policy{Version: 1, GlobalMaxWeight: 5, TagMaxWeights: map[string]float64{"free": 0}})
+			opts := testOptions(cp)
+			opts.SafeMode = strategy
+			c, _ := startClient(t, opts)
+			waitReady(t, c)
+			cp.SetFaults(controlplane.Faults{Down: true})
+			eventually(t, func() bool { return c.Mode() == ModeSafeMode }, "the lease expires")
+			for range 200 { // far more than any fixed rate's burst
+				switch strategy {
+				case SafeModeLastPolicy:
+					require.Equal(t, GateResult{false, false, ReasonTagMaxWeight, 0}, c.Gate("free", 1))
+					require.Equal(t, GateResult{true, false, ReasonAllowed, 5}, c.Gate("pro", 1))
+				case SafeModeOpen:
+					require.Equal(t, GateResult{true, false, ReasonSafeMode, math.Inf(1)}, c.Gate("free", 1))
+				}
+			}
+			cp.SetFaults(controlplane.Faults{})
+			eventually(t, func() bool { return c.Mode() == ModeEnforcing }, "enforcing again")
+		})
+	}
+}
+
+// TestProtocolTagHygiene: tags too long or not valid UTF-8 reach the
+// control plane as _other, and the pulse stays small.
+func TestProtocolTagHygiene(t *testing.T) {
+	cp := newPlane(t)
+	cp.SetPolicy("", controlplane.Policy{Version: 1, GlobalMaxWeight: 5})
+	opts := testOptions(cp)
+	opts.PulseInterval = time.Hour
+	c, _ := startClient(t, opts)
+	waitReady(t, c)
+	plans := c.HTTPMiddleware(MiddlewareOptions{Tag: func(r *http.Request) string { return r.Header.Get("X-Plan") }})(
+		http.HandlerFunc(func(http.ResponseWriter, *http.Request) {}))
+	for i := range 10 {
+		r := httptest.NewRequest(http.MethodGet, "/", nil)
+		r.Header.Set("X-Plan", strings.Repeat(string(rune('a'+i)), 1<<20)) // 1 MiB headers
+		plans.ServeHTTP(httptest.NewRecorder(), r)
+	}
+	c.Gate("\xff\xfe", 1)
+	c.Gate("pro", 1)
+	p := finalPulse(t, cp, c)
+	assert.Equal(t, []string{OtherTag, "pro"}, slices.Sorted(maps.Keys(p.Tags)))
+	assert.EqualValues(t, 11, p.Tags[OtherTag].Usage)
+	assert.EqualValues(t, 10, p.Tags[OtherTag].Health.Requests, "the middleware's samples too")
+	assert.Less(t, len(p.Raw), 4<<10)
 }

@@ -2,6 +2,7 @@ package waitstatetest_test
 
 import (
 	"context"
+	"fmt"
 	"math"
 	"sync"
 	"testing"
@@ -220,4 +221,15 @@ func TestFaultsAndRecovery(t *testing.T) {
 	eventually(t, func() bool { return c.Mode() == waitstate.ModeSafeMode }, "an outage expires the lease")
 	srv.Heal()
 	eventually(t, func() bool { return c.Mode() == waitstate.ModeEnforcing }, "recovery renews it")
+}
+
+// TestServerNeverPrintsItsSecret prints a server with every verb.
+func TestServerNeverPrintsItsSecret(t *testing.T) {
+	srv := waitstatetest.NewTestServer(t)
+	secret := srv.Options().SecretKey
+	for _, verb := range []string{"%v", "%+v", "%#v", "%s", "%q", "%x", "%d"} {
+		out := fmt.Sprintf(verb, srv)
+		assert.NotContains(t, out, secret, verb)
+		assert.Contains(t, out, "[REDACTED]", verb)
+	}
 }

@@ -17,6 +17,7 @@ package waitstatetest
 import (
 	"crypto/rand"
 	"encoding/hex"
+	"fmt"
 	"testing"
 	"time"
 
@@ -110,6 +111,15 @@ func (s *Server) Options() waitstate.Options {
 		SyncInterval:  SyncInterval,
 	}
 }
+
+// String describes the server by its URL and publish key; it never shows
+// the secret key.
+func (s *Server) String() string {
+	return fmt.Sprintf("waitstatetest.Server{URL:%q PublishKey:%q SecretKey:[REDACTED]}", s.URL, s.publishKey)
+}
+
+// Format prints s as String does, whatever the verb.
+func (s *Server) Format(f fmt.State, verb rune) { _, _ = f.Write([]byte(s.String())) }
 
 // AddKey makes another key pair known, for clients of other keys.
 func (s *Server) AddKey(publishKey, secretKey string) { s.cp.AddKey(publishKey, secretKey) }

@@ -191,6 +191,13 @@ func NewUnstarted() *Server {
 	}
 }
 
+// String describes the server by its URL; it holds secret keys and never
+// shows them.
+func (s *Server) String() string { return fmt.Sprintf("controlplane.Server{URL:%q}", s.URL) }
+
+// Format prints s as String does, whatever the verb.
+func (s *Server) Format(f fmt.State, verb rune) { _, _ = f.Write([]byte(s.String())) }
+
 // Handler serves the protocol: POST /v1/token, GET /v1/policy and
 // POST /v1/pulse.
 func (s *Server) Handler() http.Handler {
