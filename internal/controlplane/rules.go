@@ -6,7 +6,11 @@ import (
 	"fmt"
 	"maps"
 	"math"
+	"slices"
+	"strconv"
 	"time"
+
+	"github.com/waitstate/waitstate-go/internal/wire"
 )
 
 // Metric names what a reflex rule watches, computed over a site's recent
@@ -141,14 +145,62 @@ func metrics(samples []sample, window time.Duration) Metrics {
 	m.RPS = float64(calls) / window.Seconds()
 	if m.Requests > 0 {
 		m.ErrorRate = float64(errs) / float64(m.Requests)
-		m.LatencyP95Ms = fleetQuantile(withHealth, 0.95)
-		m.LatencyP99Ms = fleetQuantile(withHealth, 0.99)
+		if merged, ok := mergeHistograms(withHealth); ok {
+			m.LatencyP95Ms = merged.quantile(0.95)
+			m.LatencyP99Ms = merged.quantile(0.99)
+		} else {
+			m.LatencyP95Ms = fleetQuantile(withHealth, 0.95)
+			m.LatencyP99Ms = fleetQuantile(withHealth, 0.99)
+		}
 	}
 	return m
 }
 
+// mergedHistogram is the latency histogram of many pulses, in the wire
+// scheme: bucket index → count, the same as the histogram of the pooled
+// requests.
+type mergedHistogram struct {
+	counts map[int]uint64
+	n      uint64
+}
+
+// mergeHistograms adds up the pulses' histograms. ok is false when a pulse
+// has none or one of another scheme, or one that does not parse: the fleet
+// figure then falls back to fleetQuantile.
+func mergeHistograms(hs []*Health) (mergedHistogram, bool) {
+	m := mergedHistogram{counts: map[int]uint64{}}
+	for _, h := range hs {
+		if h.Histogram == nil || h.Histogram.Scheme != wire.HistogramScheme {
+			return mergedHistogram{}, false
+		}
+		for key, c := range h.Histogram.Counts {
+			i, err := strconv.Atoi(key)
+			if err != nil || i < 0 || i >= wire.HistBuckets {
+				return mergedHistogram{}, false
+			}
+			m.counts[i] += c
+			m.n += c
+		}
+	}
+	return m, m.n > 0
+}
+
+// quantile reads the q-quantile off the merged histogram, in ms: the
+// midpoint of the bucket that holds the ⌈q·n⌉-th request, within 6.25 % of
+// the pooled requests' own quantile.
+func (m mergedHistogram) quantile(q float64) float64 {
+	rank := uint64(math.Ceil(q * float64(m.n)))
+	var seen uint64
+	for _, i := range slices.Sorted(maps.Keys(m.counts)) {
+		if seen += m.counts[i]; seen >= rank {
+			return wire.HistMid(i) / 1000
+		}
+	}
+	return math.NaN() // unreachable: rank <= n
+}
+
 // fleetQuantile combines the latency quantiles of several pulses into one
-// fleet figure. Quantiles cannot be averaged: averaging p95s hides one slow
+// fleet figure, for pulses without a histogram. Quantiles cannot be averaged: averaging p95s hides one slow
 // instance among fast ones, and taking the maximum lets one slow instance of
 // a hundred trip a rule. Instead each pulse's latency distribution is
 // rebuilt as a piecewise-linear CDF through its quantiles — (0, 0),

@@ -1,9 +1,14 @@
 package controlplane
 
 import (
+	"fmt"
 	"math"
+	"math/rand/v2"
+	"slices"
 	"testing"
 	"time"
+
+	"github.com/waitstate/waitstate-go/internal/wire"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -114,5 +119,64 @@ func TestParseRules(t *testing.T) {
 	} {
 		_, err := ParseRules([]byte(bad))
 		assert.Error(t, err, bad)
+	}
+}
+
+// instanceHealth is one instance's pulse health for latencies in µs, built
+// as the SDK builds it: exact counts, quantiles, and the wire histogram.
+func instanceHealth(us []uint64) *Health {
+	sorted := slices.Sorted(slices.Values(us))
+	q := func(p float64) float64 { return float64(sorted[int(math.Ceil(p*float64(len(sorted))))-1]) / 1000 }
+	counts := map[string]uint64{}
+	for _, v := range us {
+		counts[wire.BucketKey(wire.HistIndex(v))]++
+	}
+	return &Health{Requests: uint64(len(us)), LatencyMs: Latency{P50: q(0.5), P95: q(0.95), P99: q(0.99), Max: q(1)},
+		Histogram: &Histogram{Scheme: wire.HistogramScheme, Counts: counts}}
+}
+
+// TestFleetQuantilesFromHistograms: the p95 and p99 the rules act on are
+// those of the pooled requests of a heterogeneous fleet, within the
+// scheme's 6.25 %, read off the merged histograms.
+func TestFleetQuantilesFromHistograms(t *testing.T) {
+	// Log-normal latencies: skewed, with a tail, as services' are.
+	logNormal := func(r *rand.Rand, n int, medianUs, sigma float64) []uint64 {
+		out := make([]uint64, n)
+		for i := range out {
+			out[i] = uint64(medianUs * math.Exp(sigma*r.NormFloat64()))
+		}
+		return out
+	}
+	fleets := map[string]struct{ fastRequests, slowRequests int }{
+		"9 fast instances and 1 slow one":                {1000, 1000},
+		"the slow instance carries most of the requests": {100, 5000},
+	}
+	for name, f := range fleets {
+		t.Run(name, func(t *testing.T) {
+			r := rand.New(rand.NewPCG(1, 2))
+			var pooled []uint64
+			var samples []sample
+			for i := range 10 {
+				us := logNormal(r, f.fastRequests, 10_000, 0.6) // median 10 ms
+				if i == 9 {
+					us = logNormal(r, f.slowRequests, 250_000, 0.8) // median 250 ms
+				}
+				pooled = append(pooled, us...)
+				samples = append(samples, sample{instance: fmt.Sprint(i), health: instanceHealth(us)})
+			}
+			slices.Sort(pooled)
+			want := func(q float64) float64 { return float64(pooled[int(math.Ceil(q*float64(len(pooled))))-1]) / 1000 }
+			m := metrics(samples, time.Second)
+			assert.InEpsilon(t, want(0.95), m.LatencyP95Ms, 0.0625, "p95")
+			assert.InEpsilon(t, want(0.99), m.LatencyP99Ms, 0.0625, "p99")
+
+			var hs []*Health
+			for _, s := range samples {
+				hs = append(hs, s.health)
+			}
+			old := fleetQuantile(hs, 0.95)
+			t.Logf("pooled p95 %.1f ms; from merged histograms %.1f ms (%+.1f %%); from instance quantiles %.1f ms (%+.1f %%)",
+				want(0.95), m.LatencyP95Ms, 100*(m.LatencyP95Ms/want(0.95)-1), old, 100*(old/want(0.95)-1))
+		})
 	}
 }

@@ -19,6 +19,9 @@ type Histogram struct {
 	Counts map[string]uint64 `json:"counts"`
 }
 
+// HistBuckets is one more than the largest bucket index: that of 2^64-1 µs.
+const HistBuckets = (63-2)*8 + 8
+
 // HistIndex is the bucket of a latency of us microseconds.
 func HistIndex(us uint64) int {
 	if us < 8 {
