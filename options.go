@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 
@@ -101,28 +102,62 @@ type Options struct {
 
 // Environment variables read by OptionsFromEnv.
 const (
-	EnvPublishKey = "WAITSTATE_PUBLISH_KEY"
-	EnvSecretKey  = "WAITSTATE_SECRET_KEY"
-	EnvBaseURL    = "WAITSTATE_BASE_URL"
-	EnvSiteID     = "WAITSTATE_SITE_ID"
+	EnvPublishKey     = "WAITSTATE_PUBLISH_KEY"       // Options.PublishKey
+	EnvSecretKey      = "WAITSTATE_SECRET_KEY"        // Options.SecretKey
+	EnvBaseURL        = "WAITSTATE_BASE_URL"          // Options.BaseURL
+	EnvSiteID         = "WAITSTATE_SITE_ID"           // Options.SiteID
+	EnvInstanceID     = "WAITSTATE_INSTANCE_ID"       // Options.InstanceID
+	EnvPulseInterval  = "WAITSTATE_PULSE_INTERVAL"    // Options.PulseInterval, a Go duration such as "20s"
+	EnvSyncInterval   = "WAITSTATE_SYNC_INTERVAL"     // Options.SyncInterval, a Go duration
+	EnvSafeMode       = "WAITSTATE_SAFE_MODE"         // Options.SafeMode: fixed_rps, last_policy or open
+	EnvSafeModeMaxRPS = "WAITSTATE_SAFE_MODE_MAX_RPS" // Options.SafeModeMaxRPS, a whole number
+	EnvShadow         = "WAITSTATE_SHADOW"            // Options.Shadow: true or false (as strconv.ParseBool)
 )
 
-// OptionsFromEnv returns Options filled from WAITSTATE_PUBLISH_KEY,
-// WAITSTATE_SECRET_KEY, WAITSTATE_BASE_URL and WAITSTATE_SITE_ID. It
-// returns an error wrapping ErrInvalidOptions, naming the variable, when
-// either key is unset.
+// OptionsFromEnv returns Options filled from the WAITSTATE_* variables
+// above; an unset or empty variable leaves its field zero, so New applies
+// its default. It returns an error wrapping ErrInvalidOptions, naming the
+// variable, when either key is unset or a value does not parse. The error
+// never quotes the secret key.
 func OptionsFromEnv() (Options, error) {
 	opts := Options{
 		PublishKey: os.Getenv(EnvPublishKey),
 		SecretKey:  os.Getenv(EnvSecretKey),
 		BaseURL:    os.Getenv(EnvBaseURL),
 		SiteID:     os.Getenv(EnvSiteID),
+		InstanceID: os.Getenv(EnvInstanceID),
 	}
 	switch {
 	case opts.PublishKey == "":
 		return Options{}, optionError("%s is not set", EnvPublishKey)
 	case opts.SecretKey == "":
 		return Options{}, optionError("%s is not set", EnvSecretKey)
+	}
+	var err error
+	for _, d := range []struct {
+		name string
+		dst  *time.Duration
+	}{{EnvPulseInterval, &opts.PulseInterval}, {EnvSyncInterval, &opts.SyncInterval}} {
+		if v := os.Getenv(d.name); v != "" {
+			if *d.dst, err = time.ParseDuration(v); err != nil || *d.dst < 0 {
+				return Options{}, optionError("%s=%q is not a duration >= 0 such as 20s", d.name, v)
+			}
+		}
+	}
+	if v := os.Getenv(EnvSafeMode); v != "" {
+		if err := opts.SafeMode.UnmarshalText([]byte(v)); err != nil {
+			return Options{}, optionError("%s=%q is not fixed_rps, last_policy or open", EnvSafeMode, v)
+		}
+	}
+	if v := os.Getenv(EnvSafeModeMaxRPS); v != "" {
+		if opts.SafeModeMaxRPS, err = strconv.ParseUint(v, 10, 64); err != nil {
+			return Options{}, optionError("%s=%q is not a whole number", EnvSafeModeMaxRPS, v)
+		}
+	}
+	if v := os.Getenv(EnvShadow); v != "" {
+		if opts.Shadow, err = strconv.ParseBool(v); err != nil {
+			return Options{}, optionError("%s=%q is not true or false", EnvShadow, v)
+		}
 	}
 	return opts, nil
 }

@@ -95,6 +95,43 @@ func TestOptionsFromEnv(t *testing.T) {
 	assert.Contains(t, err.Error(), EnvPublishKey)
 }
 
+func TestOptionsFromEnvDeployment(t *testing.T) {
+	t.Setenv(EnvPublishKey, "pk_env")
+	t.Setenv(EnvSecretKey, testSecretKey)
+	t.Setenv(EnvInstanceID, "checkout-3")
+	t.Setenv(EnvPulseInterval, "5s")
+	t.Setenv(EnvSyncInterval, "1m")
+	t.Setenv(EnvSafeMode, "last_policy")
+	t.Setenv(EnvSafeModeMaxRPS, "200")
+	t.Setenv(EnvShadow, "true")
+	o, err := OptionsFromEnv()
+	require.NoError(t, err)
+	assert.Equal(t, Options{PublishKey: "pk_env", SecretKey: testSecretKey, InstanceID: "checkout-3", PulseInterval: 5 * time.Second,
+		SyncInterval: time.Minute, SafeMode: SafeModeLastPolicy, SafeModeMaxRPS: 200, Shadow: true}, o)
+	_, _, err = o.withDefaults()
+	assert.NoError(t, err, "they are valid Options")
+}
+
+func TestOptionsFromEnvRefusesBadValues(t *testing.T) {
+	for name, value := range map[string]string{
+		EnvPulseInterval:  "20",
+		EnvSyncInterval:   "-1s",
+		EnvSafeMode:       "closed",
+		EnvSafeModeMaxRPS: "-5",
+		EnvShadow:         "maybe",
+	} {
+		t.Run(name, func(t *testing.T) {
+			t.Setenv(EnvPublishKey, "pk_env")
+			t.Setenv(EnvSecretKey, testSecretKey)
+			t.Setenv(name, value)
+			_, err := OptionsFromEnv()
+			require.ErrorIs(t, err, ErrInvalidOptions)
+			assert.Contains(t, err.Error(), name, "the error names the variable")
+			assert.NotContains(t, err.Error(), testSecretKey)
+		})
+	}
+}
+
 func TestOptionsV2Defaults(t *testing.T) {
 	o, _, err := Options{PublishKey: "pk", SecretKey: "sk"}.withDefaults()
 	require.NoError(t, err)
