@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -232,4 +233,64 @@ func TestServerNeverPrintsItsSecret(t *testing.T) {
 		assert.NotContains(t, out, secret, verb)
 		assert.Contains(t, out, "[REDACTED]", verb)
 	}
+}
+
+// TestRulesProtectATier: the product's reflex — when enterprise's p95 goes
+// over 300 ms, block free and throttle pro to 50 % — measured on
+// enterprise's own traffic while the site as a whole stays fast, and
+// lifted once enterprise is fast again.
+func TestRulesProtectATier(t *testing.T) {
+	srv := waitstatetest.NewTestServer(t)
+	srv.SetPolicy("", &waitstate.Policy{Version: 1, GlobalMaxWeight: 10})
+	require.NoError(t, srv.SetRules("",
+		waitstatetest.Rule{Name: "block-free", MetricTag: "enterprise", Metric: waitstatetest.MetricLatencyP95,
+			Operator: ">", Threshold: 300, TagName: "free", Action: waitstatetest.ActionBlock, CooldownSeconds: 0.5},
+		waitstatetest.Rule{Name: "throttle-pro", MetricTag: "enterprise", Metric: waitstatetest.MetricLatencyP95,
+			Operator: ">", Threshold: 300, TagName: "pro", Action: waitstatetest.ActionThrottle, Percent: 50, CooldownSeconds: 0.5},
+	))
+	c := start(t, srv, "")
+	var slow atomic.Bool
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			entLatency := 20 * time.Millisecond
+			if slow.Load() {
+				entLatency = 800 * time.Millisecond
+			}
+			c.ObserveTag("enterprise", entLatency, false)
+			for range 20 { // most of the site's traffic is fast
+				c.ObserveTag("search", 5*time.Millisecond, false)
+			}
+			time.Sleep(time.Millisecond)
+		}
+	})
+	defer func() { close(stop); wg.Wait() }()
+
+	time.Sleep(3 * waitstatetest.PulseInterval)
+	assert.True(t, c.Gate("free", 1).Allowed, "enterprise is fast: nothing fires")
+	slow.Store(true)
+	eventually(t, func() bool { return c.Gate("free", 1).Reason == waitstate.ReasonThrottled }, "free blocked")
+	p := c.Policy()
+	assert.Equal(t, map[string]float64{"free": 100, "pro": 50}, p.TagShedPercents)
+	shed := 0
+	for range 100 {
+		if c.Gate("pro", 1).Reason == waitstate.ReasonThrottled {
+			shed++
+		}
+	}
+	// Evenly: one of every two; a window cut in the loop restarts the
+	// sequence, which moves the count by one at most.
+	assert.InDelta(t, 50, shed, 1, "pro throttled to 50 %")
+	assert.True(t, c.Gate("enterprise", 1).Allowed, "enterprise keeps passing")
+	assert.Less(t, srv.Metrics("").LatencyP95Ms, 300.0, "the site as a whole is fast: only enterprise's own p95 fired the rules")
+
+	slow.Store(false)
+	eventually(t, func() bool { return c.Gate("free", 1).Allowed }, "free admitted once enterprise is fast again")
+	assert.Empty(t, c.Policy().TagShedPercents)
 }

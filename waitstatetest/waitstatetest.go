@@ -38,6 +38,8 @@ const (
 type (
 	// Rule is a reflex rule. See SetRules.
 	Rule = controlplane.Rule
+	// Action is what a fired rule does to its tag: block, throttle or cap.
+	Action = controlplane.Action
 	// Metric names what a rule watches.
 	Metric = controlplane.Metric
 	// Faults script how the control plane misbehaves; the zero value is a
@@ -61,10 +63,19 @@ type (
 
 // The metrics a Rule can watch.
 const (
+	MetricLatencyP50 = controlplane.MetricLatencyP50
 	MetricLatencyP95 = controlplane.MetricLatencyP95
 	MetricLatencyP99 = controlplane.MetricLatencyP99
 	MetricErrorRate  = controlplane.MetricErrorRate
 	MetricRPS        = controlplane.MetricRPS
+)
+
+// The actions of a Rule. A rule with no action caps its tag's weight at
+// MaxWeight.
+const (
+	ActionBlock    = controlplane.ActionBlock    // shed every call of the tag
+	ActionThrottle = controlplane.ActionThrottle // admit Percent % of the tag's calls
+	ActionCap      = controlplane.ActionCap      // lower the tag's weight limit to MaxWeight
 )
 
 // Server is a control plane on loopback. Its methods are safe for
@@ -152,10 +163,17 @@ func (s *Server) Policy(site string) (*waitstate.Policy, bool) {
 }
 
 // SetRules sets the reflex rules of site ("" is the default for sites
-// without rules of their own). They are evaluated on every pulse over the
-// site's pulses of the last RuleWindow; when one fires, the limit of its tag
-// (or the global one) becomes at most its MaxWeight and the policy version
-// goes up. It clears after its metric has stayed good for its cooldown.
+// without rules of their own). They are evaluated as pulses arrive, over
+// the site's pulses of the last RuleWindow: a rule measures its Metric on
+// its MetricTag's traffic ("" is the whole site) and, while the metric is on
+// the wrong side of its Threshold, applies its Action to its TagName ("" is
+// every tag): ActionBlock sheds every call, ActionThrottle admits Percent %,
+// ActionCap (or no action) lowers the weight limit to MaxWeight. Each change
+// raises the policy's version. A rule clears after its metric has stayed
+// good for its cooldown. Rules unmarshal from JSON:
+//
+//	{"name": "protect-enterprise", "metricTag": "enterprise", "metric": "latency_p95_ms",
+//	 "operator": ">", "threshold": 300, "tagName": "free", "action": "block", "cooldownSeconds": 30}
 func (s *Server) SetRules(site string, rules ...Rule) error { return s.cp.SetRules(site, rules...) }
 
 // SetRuleWindow changes how far back the rules look.

@@ -314,19 +314,25 @@ func (st *siteState) prune(now time.Time, window time.Duration) {
 // must not recompute them on every pulse. Call with s.mu held.
 func (s *Server) evaluate(site string, p *Pulse, now time.Time) {
 	st := s.site(site)
-	st.samples = append(st.samples, sample{at: now, instance: p.InstanceID, calls: p.UsageDelta + p.BouncedDelta, health: p.Health})
+	st.samples = append(st.samples, sample{at: now, instance: p.InstanceID, calls: p.UsageDelta + p.BouncedDelta, health: p.Health,
+		tags: p.Tags, metrics: p.Metrics})
 	st.prune(now, s.ruleWindow)
 	rules := s.rulesOf(st)
 	if len(rules) == 0 || now.Sub(st.evaluated) < min(s.ruleWindow/20, 100*time.Millisecond) {
 		return
 	}
 	st.evaluated = now
-	m := metrics(st.samples, s.ruleWindow)
+	scopes := map[string]Metrics{} // by MetricTag, computed once per step
 	for _, r := range rules {
 		rs := st.firing[r.Name]
 		if rs == nil {
 			rs = &ruleState{}
 			st.firing[r.Name] = rs
+		}
+		m, ok := scopes[r.MetricTag]
+		if !ok {
+			m = scopeMetrics(st.samples, s.ruleWindow, r.MetricTag)
+			scopes[r.MetricTag] = m
 		}
 		if changed, v := rs.step(r, m, now); changed {
 			st.bumps++

@@ -8,17 +8,22 @@ import (
 	"math"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/waitstate/waitstate-go/internal/wire"
 )
 
 // Metric names what a reflex rule watches, computed over a site's recent
-// pulses (its rule window).
+// pulses (its rule window), for the whole site or for one tag's traffic
+// (Rule.MetricTag).
 type Metric string
 
-// The metrics a rule can watch.
+// The metrics a rule can watch; a custom metric is "metric:<name>" (its mean
+// over the window's samples) or "metric:<name>:max" (their maximum).
 const (
+	// MetricLatencyP50 is the fleet's median latency in ms.
+	MetricLatencyP50 Metric = "latency_p50_ms"
 	// MetricLatencyP95 is the fleet's 95th percentile latency in ms.
 	MetricLatencyP95 Metric = "latency_p95_ms"
 	// MetricLatencyP99 is the fleet's 99th percentile latency in ms.
@@ -31,33 +36,113 @@ const (
 	MetricRPS Metric = "rps"
 )
 
-// Rule is a reflex rule: while Metric is on the wrong side of Threshold,
-// the limit for TagName ("" is the global limit) is at most MaxWeight.
-// Once it has fired, it clears only after the metric has stayed on the good
-// side for CooldownSeconds: hysteresis, so it does not flap at the
-// threshold.
+// customMetric splits "metric:<name>" and "metric:<name>:max".
+func (m Metric) customMetric() (name string, useMax, ok bool) {
+	rest, ok := strings.CutPrefix(string(m), "metric:")
+	if !ok {
+		return "", false, false
+	}
+	name, useMax = strings.CutSuffix(rest, ":max")
+	return name, useMax, validMetricName(name)
+}
+
+// validMetricName is the SDK's rule for custom metric names.
+func validMetricName(name string) bool {
+	if len(name) == 0 || len(name) > 64 {
+		return false
+	}
+	return strings.Trim(name, "abcdefghijklmnopqrstuvwxyz0123456789_.") == ""
+}
+
+// Action is what a fired rule does to its tag.
+type Action string
+
+// The actions.
+const (
+	// ActionBlock sheds every call of the tag (100 %).
+	ActionBlock Action = "block"
+	// ActionThrottle admits Percent % of the tag's calls and sheds the rest.
+	ActionThrottle Action = "throttle"
+	// ActionCap lowers the tag's weight limit to MaxWeight. A rule with no
+	// action is a cap.
+	ActionCap Action = "cap"
+)
+
+// Rule is a reflex rule: while Metric, measured on MetricTag's traffic
+// ("" is the whole site), is on the wrong side of Threshold, Action applies
+// to TagName ("" is every tag, through the policy's global fields). Once it
+// has fired it clears only after the metric has stayed on the good side
+// for CooldownSeconds: hysteresis, so it does not flap at the threshold. Of
+// several fired rules on one tag the strictest wins — the lowest weight
+// limit, the highest shed — and a tag rule never loosens a global one.
 type Rule struct {
 	Name            string  `json:"name"`
-	TagName         string  `json:"tagName"`
+	MetricTag       string  `json:"metricTag,omitempty"`
 	Metric          Metric  `json:"metric"`
-	Operator        string  `json:"operator"` // "gt" or "lt"
+	Operator        string  `json:"operator"` // ">", ">=", "<", "<=" or "gt", "gte", "lt", "lte"
 	Threshold       float64 `json:"threshold"`
-	MaxWeight       float64 `json:"maxWeight"`
+	TagName         string  `json:"tagName"`
+	Action          Action  `json:"action,omitempty"`    // "" is ActionCap
+	Percent         float64 `json:"percent,omitempty"`   // ActionThrottle: the share admitted, 0 to 100
+	MaxWeight       float64 `json:"maxWeight,omitempty"` // ActionCap: the weight limit
 	CooldownSeconds float64 `json:"cooldownSeconds"`
+}
+
+// UnmarshalJSON reads a rule, refusing one that says neither what to do
+// (an action) nor a weight limit (a cap), and a throttle without a percent.
+func (r *Rule) UnmarshalJSON(data []byte) error {
+	type plain Rule
+	var raw struct {
+		plain
+		Percent   *float64 `json:"percent"`
+		MaxWeight *float64 `json:"maxWeight"`
+	}
+	if err := json.Unmarshal(data, &raw); err != nil {
+		return err
+	}
+	switch {
+	case raw.Action == "" && raw.MaxWeight == nil:
+		return fmt.Errorf("rule %q: no action and no maxWeight", raw.Name)
+	case raw.Action == ActionThrottle && raw.Percent == nil:
+		return fmt.Errorf("rule %q: throttle without a percent", raw.Name)
+	case raw.Action == ActionCap && raw.MaxWeight == nil:
+		return fmt.Errorf("rule %q: cap without a maxWeight", raw.Name)
+	}
+	*r = Rule(raw.plain)
+	if raw.Percent != nil {
+		r.Percent = *raw.Percent
+	}
+	if raw.MaxWeight != nil {
+		r.MaxWeight = *raw.MaxWeight
+	}
+	return nil
+}
+
+// operators maps every spelling of an operator to its comparison.
+var operators = map[string]func(v, threshold float64) bool{
+	">": func(v, t float64) bool { return v > t }, "gt": func(v, t float64) bool { return v > t },
+	">=": func(v, t float64) bool { return v >= t }, "gte": func(v, t float64) bool { return v >= t },
+	"<": func(v, t float64) bool { return v < t }, "lt": func(v, t float64) bool { return v < t },
+	"<=": func(v, t float64) bool { return v <= t }, "lte": func(v, t float64) bool { return v <= t },
 }
 
 // Validate reports what is wrong with r, if anything.
 func (r Rule) Validate() error {
+	_, _, custom := r.Metric.customMetric()
 	switch {
 	case r.Name == "":
 		return errors.New("rule has no name")
-	case r.Metric != MetricLatencyP95 && r.Metric != MetricLatencyP99 && r.Metric != MetricErrorRate && r.Metric != MetricRPS:
+	case !custom && !slices.Contains([]Metric{MetricLatencyP50, MetricLatencyP95, MetricLatencyP99, MetricErrorRate, MetricRPS}, r.Metric):
 		return fmt.Errorf("rule %q: unknown metric %q", r.Name, r.Metric)
-	case r.Operator != "gt" && r.Operator != "lt":
-		return fmt.Errorf("rule %q: operator must be \"gt\" or \"lt\", not %q", r.Name, r.Operator)
+	case operators[r.Operator] == nil:
+		return fmt.Errorf("rule %q: operator must be >, >=, <, <= (or gt, gte, lt, lte), not %q", r.Name, r.Operator)
 	case math.IsNaN(r.Threshold) || math.IsInf(r.Threshold, 0):
 		return fmt.Errorf("rule %q: threshold must be a finite number", r.Name)
-	case !(r.MaxWeight >= 0):
+	case r.Action != "" && r.Action != ActionBlock && r.Action != ActionThrottle && r.Action != ActionCap:
+		return fmt.Errorf("rule %q: action must be block, throttle or cap, not %q", r.Name, r.Action)
+	case r.Action == ActionThrottle && !(r.Percent >= 0 && r.Percent <= 100):
+		return fmt.Errorf("rule %q: percent must be in [0, 100]", r.Name)
+	case (r.Action == "" || r.Action == ActionCap) && !(r.MaxWeight >= 0):
 		return fmt.Errorf("rule %q: maxWeight must be >= 0", r.Name)
 	case !(r.CooldownSeconds >= 0):
 		return fmt.Errorf("rule %q: cooldownSeconds must be >= 0", r.Name)
@@ -100,15 +185,18 @@ type Event struct {
 	Version int64   // the policy version it made
 }
 
-// Metrics are a site's figures over its rule window.
+// Metrics are a site's figures over its rule window, for the whole site or
+// for one tag's traffic.
 type Metrics struct {
-	Pulses       int     // pulses in the window
-	Instances    int     // distinct instances among them
-	RPS          float64 // offered Gate calls per second
-	Requests     uint64  // health samples
-	ErrorRate    float64 // NaN without samples
-	LatencyP95Ms float64 // NaN without samples
-	LatencyP99Ms float64 // NaN without samples
+	Pulses       int                  // pulses in the window
+	Instances    int                  // distinct instances among them
+	RPS          float64              // offered Gate calls per second
+	Requests     uint64               // health samples
+	ErrorRate    float64              // NaN without samples
+	LatencyP50Ms float64              // NaN without samples
+	LatencyP95Ms float64              // NaN without samples
+	LatencyP99Ms float64              // NaN without samples
+	Custom       map[string]MetricAgg // custom metrics, added up over the window
 }
 
 // sample is what the rules keep of one pulse.
@@ -117,6 +205,8 @@ type sample struct {
 	instance string
 	calls    uint64 // usage + bounced
 	health   *Health
+	tags     map[string]TagCount  // per tag: counts, health, metrics
+	metrics  map[string]MetricAgg // site-wide custom metrics
 }
 
 // ruleState is one rule's state in one site.
@@ -127,18 +217,42 @@ type ruleState struct {
 
 // metrics computes a site's figures over samples taken within window.
 func metrics(samples []sample, window time.Duration) Metrics {
-	m := Metrics{ErrorRate: math.NaN(), LatencyP95Ms: math.NaN(), LatencyP99Ms: math.NaN()}
+	return scopeMetrics(samples, window, "")
+}
+
+// scopeMetrics computes the figures of tag's traffic ("" is the whole site)
+// over samples taken within window.
+func scopeMetrics(samples []sample, window time.Duration, tag string) Metrics {
+	m := Metrics{ErrorRate: math.NaN(), LatencyP50Ms: math.NaN(), LatencyP95Ms: math.NaN(), LatencyP99Ms: math.NaN(),
+		Custom: map[string]MetricAgg{}}
 	instances := map[string]bool{}
 	var calls, errs uint64
 	var withHealth []*Health
 	for _, s := range samples {
 		m.Pulses++
 		instances[s.instance] = true
-		calls += s.calls
-		if s.health != nil && s.health.Requests > 0 {
-			m.Requests += s.health.Requests
-			errs += s.health.Errors
-			withHealth = append(withHealth, s.health)
+		h, custom := s.health, s.metrics
+		if tag == "" {
+			calls += s.calls
+		} else {
+			tc := s.tags[tag]
+			calls += tc.Usage + tc.Bounced
+			h, custom = tc.Health, tc.Metrics
+		}
+		if h != nil && h.Requests > 0 {
+			m.Requests += h.Requests
+			errs += h.Errors
+			withHealth = append(withHealth, h)
+		}
+		for name, agg := range custom {
+			if agg.Count == 0 {
+				continue
+			}
+			sum, ok := m.Custom[name]
+			if !ok {
+				sum = MetricAgg{Min: math.Inf(1), Max: math.Inf(-1)}
+			}
+			m.Custom[name] = MetricAgg{Count: sum.Count + agg.Count, Sum: sum.Sum + agg.Sum, Min: min(sum.Min, agg.Min), Max: max(sum.Max, agg.Max)}
 		}
 	}
 	m.Instances = len(instances)
@@ -146,9 +260,9 @@ func metrics(samples []sample, window time.Duration) Metrics {
 	if m.Requests > 0 {
 		m.ErrorRate = float64(errs) / float64(m.Requests)
 		if merged, ok := mergeHistograms(withHealth); ok {
-			m.LatencyP95Ms = merged.quantile(0.95)
-			m.LatencyP99Ms = merged.quantile(0.99)
+			m.LatencyP50Ms, m.LatencyP95Ms, m.LatencyP99Ms = merged.quantile(0.50), merged.quantile(0.95), merged.quantile(0.99)
 		} else {
+			m.LatencyP50Ms = fleetQuantile(withHealth, 0.50)
 			m.LatencyP95Ms = fleetQuantile(withHealth, 0.95)
 			m.LatencyP99Ms = fleetQuantile(withHealth, 0.99)
 		}
@@ -255,6 +369,8 @@ func pieceCDF(l Latency, x float64) float64 {
 func (m Metrics) value(metric Metric) (float64, bool) {
 	var v float64
 	switch metric {
+	case MetricLatencyP50:
+		v = m.LatencyP50Ms
 	case MetricLatencyP95:
 		v = m.LatencyP95Ms
 	case MetricLatencyP99:
@@ -263,16 +379,27 @@ func (m Metrics) value(metric Metric) (float64, bool) {
 		v = m.ErrorRate
 	case MetricRPS:
 		v = m.RPS
+	default:
+		name, useMax, _ := metric.customMetric()
+		agg, ok := m.Custom[name]
+		switch {
+		case !ok || agg.Count == 0:
+			v = math.NaN()
+		case useMax:
+			v = agg.Max
+		default:
+			v = agg.Sum / float64(agg.Count)
+		}
 	}
 	return v, !math.IsNaN(v)
 }
 
-// step advances a rule's state to now given the metrics, and reports
-// whether it fired or cleared. A metric without data (no health samples in
-// the window) is on the good side: the load it measured is gone.
+// step advances a rule's state to now given the metrics of its scope, and
+// reports whether it fired or cleared. A metric without data (no samples
+// in the window) is on the good side: the load it measured is gone.
 func (st *ruleState) step(r Rule, m Metrics, now time.Time) (changed bool, value float64) {
 	v, ok := m.value(r.Metric)
-	bad := ok && (r.Operator == "gt" && v > r.Threshold || r.Operator == "lt" && v < r.Threshold)
+	bad := ok && operators[r.Operator](v, r.Threshold)
 	switch {
 	case !st.firing && bad:
 		st.firing, st.goodSince = true, time.Time{}
@@ -291,9 +418,23 @@ func (st *ruleState) step(r Rule, m Metrics, now time.Time) (changed bool, value
 	return false, v
 }
 
-// overlay returns base with the limits of the firing rules applied: a
-// rule's tag (or the global limit) gets at most its maxWeight, so of several
-// rules on one tag the strictest wins.
+// shed is the percent a rule sheds, and whether it sheds at all.
+func (r Rule) shed() (float64, bool) {
+	switch r.Action {
+	case ActionBlock:
+		return 100, true
+	case ActionThrottle:
+		return 100 - r.Percent, true
+	}
+	return 0, false
+}
+
+// overlay returns base with the actions of the firing rules applied. Global
+// rules (TagName "") first: a cap lowers GlobalMaxWeight, a block or
+// throttle raises GlobalShedPercent. Then tag rules, each starting from
+// what the tag has after the global rules — its own entry, else the global
+// value — so a tag rule never loosens a global one. Of several rules on one
+// tag the strictest wins: the lowest limit, the highest shed.
 func overlay(base Policy, rules []Rule, firing map[string]*ruleState) Policy {
 	p := base
 	p.TagMaxWeights = make(map[string]float64, len(base.TagMaxWeights))
@@ -305,10 +446,13 @@ func overlay(base Policy, rules []Rule, firing map[string]*ruleState) Policy {
 			active = append(active, r)
 		}
 	}
-	// Global rules first, so that a tag rule on a tag without an entry of
-	// its own starts from the lowered global limit.
 	for _, r := range active {
-		if r.TagName == "" {
+		if r.TagName != "" {
+			continue
+		}
+		if pct, ok := r.shed(); ok {
+			p.GlobalShedPercent = max(p.GlobalShedPercent, pct)
+		} else {
 			p.GlobalMaxWeight = min(p.GlobalMaxWeight, r.MaxWeight)
 		}
 	}
@@ -316,8 +460,19 @@ func overlay(base Policy, rules []Rule, firing map[string]*ruleState) Policy {
 		if r.TagName == "" {
 			continue
 		}
-		limit, ok := p.TagMaxWeights[r.TagName]
-		if !ok {
+		if pct, ok := r.shed(); ok {
+			cur, has := p.TagShedPercents[r.TagName]
+			if !has {
+				cur = p.GlobalShedPercent
+			}
+			if p.TagShedPercents == nil {
+				p.TagShedPercents = map[string]float64{}
+			}
+			p.TagShedPercents[r.TagName] = max(cur, pct)
+			continue
+		}
+		limit, has := p.TagMaxWeights[r.TagName]
+		if !has {
 			limit = p.GlobalMaxWeight
 		}
 		p.TagMaxWeights[r.TagName] = min(limit, r.MaxWeight)

@@ -180,3 +180,100 @@ func TestFleetQuantilesFromHistograms(t *testing.T) {
 		})
 	}
 }
+
+func TestRulesSchema(t *testing.T) {
+	bySite, err := ParseRules([]byte(`[
+	 {"name": "protect-enterprise", "metricTag": "enterprise", "metric": "latency_p95_ms",
+	  "operator": ">", "threshold": 300, "tagName": "free", "action": "block", "cooldownSeconds": 30},
+	 {"name": "throttle-pro", "metricTag": "enterprise", "metric": "latency_p95_ms", "operator": ">=", "threshold": 300,
+	  "tagName": "pro", "action": "throttle", "percent": 50},
+	 {"name": "cap-batch", "metric": "metric:queue_depth:max", "operator": "gt", "threshold": 100, "tagName": "batch",
+	  "action": "cap", "maxWeight": 2},
+	 {"name": "legacy", "tagName": "free", "metric": "error_rate", "operator": "lt", "threshold": 0.5, "maxWeight": 0}]`))
+	require.NoError(t, err)
+	rules := bySite[""]
+	require.Len(t, rules, 4)
+	assert.Equal(t, Rule{Name: "throttle-pro", MetricTag: "enterprise", Metric: MetricLatencyP95, Operator: ">=", Threshold: 300,
+		TagName: "pro", Action: ActionThrottle, Percent: 50}, rules[1])
+	assert.Equal(t, Action(""), rules[3].Action, "a rule with maxWeight and no action is a cap")
+	assert.Zero(t, rules[3].MaxWeight)
+
+	for name, bad := range map[string]string{
+		"no action, no maxWeight": `[{"name": "x", "metric": "rps", "operator": ">", "threshold": 1}]`,
+		"throttle, no percent":    `[{"name": "x", "metric": "rps", "operator": ">", "threshold": 1, "action": "throttle"}]`,
+		"percent over 100":        `[{"name": "x", "metric": "rps", "operator": ">", "threshold": 1, "action": "throttle", "percent": 101}]`,
+		"unknown action":          `[{"name": "x", "metric": "rps", "operator": ">", "threshold": 1, "action": "drop"}]`,
+		"unknown operator":        `[{"name": "x", "metric": "rps", "operator": "=", "threshold": 1, "action": "block"}]`,
+		"bad metric name":         `[{"name": "x", "metric": "metric:Queue", "operator": ">", "threshold": 1, "action": "block"}]`,
+		"unknown metric":          `[{"name": "x", "metric": "latency_p90_ms", "operator": ">", "threshold": 1, "action": "block"}]`,
+	} {
+		_, err := ParseRules([]byte(bad))
+		assert.Error(t, err, name)
+	}
+}
+
+func TestRuleOperatorsAndScopes(t *testing.T) {
+	samples := []sample{{instance: "a", calls: 10, health: instanceHealth([]uint64{10_000}),
+		tags: map[string]TagCount{
+			"enterprise": {Usage: 4, Health: instanceHealth([]uint64{400_000, 400_000})},
+			"batch":      {Usage: 6, Metrics: map[string]MetricAgg{"queue_depth": {Count: 2, Sum: 30, Min: 10, Max: 20}}},
+		},
+		metrics: map[string]MetricAgg{"pool_wait_ms": {Count: 1, Sum: 7, Min: 7, Max: 7}}}}
+	site := scopeMetrics(samples, time.Second, "")
+	ent := scopeMetrics(samples, time.Second, "enterprise")
+	batch := scopeMetrics(samples, time.Second, "batch")
+	assert.InEpsilon(t, 10, site.LatencyP95Ms, 0.0625)
+	assert.InEpsilon(t, 400, ent.LatencyP95Ms, 0.0625, "a tag's own health")
+	assert.Equal(t, 4.0, ent.RPS, "a tag's own calls")
+	v, ok := batch.value("metric:queue_depth")
+	assert.True(t, ok)
+	assert.Equal(t, 15.0, v, "the mean")
+	v, _ = batch.value("metric:queue_depth:max")
+	assert.Equal(t, 20.0, v)
+	v, _ = site.value("metric:pool_wait_ms")
+	assert.Equal(t, 7.0, v, "site-wide custom metrics")
+	_, ok = site.value("metric:queue_depth")
+	assert.False(t, ok, "no data: the good side")
+
+	for op, want := range map[string][3]bool{">": {false, false, true}, ">=": {false, true, true}, "<": {true, false, false},
+		"<=": {true, true, false}, "gt": {false, false, true}, "gte": {false, true, true}, "lt": {true, false, false}, "lte": {true, true, false}} {
+		for i, v := range []float64{1, 2, 3} {
+			assert.Equal(t, want[i], operators[op](v, 2), "%v %s 2", v, op)
+		}
+	}
+}
+
+func TestOverlayActions(t *testing.T) {
+	fired := func(names ...string) map[string]*ruleState {
+		m := map[string]*ruleState{}
+		for _, n := range names {
+			m[n] = &ruleState{firing: true}
+		}
+		return m
+	}
+	base := Policy{Version: 1, GlobalMaxWeight: 10, TagMaxWeights: map[string]float64{"enterprise": math.Inf(1)}}
+	rules := []Rule{
+		{Name: "block-free", TagName: "free", Action: ActionBlock},
+		{Name: "throttle-pro", TagName: "pro", Action: ActionThrottle, Percent: 50},
+		{Name: "throttle-pro-harder", TagName: "pro", Action: ActionThrottle, Percent: 20},
+		{Name: "cap-batch", TagName: "batch", Action: ActionCap, MaxWeight: 3},
+		{Name: "cap-batch-legacy", TagName: "batch", MaxWeight: 5},
+		{Name: "global-throttle", Action: ActionThrottle, Percent: 70},
+		{Name: "global-cap", MaxWeight: 4},
+		{Name: "loose-tag", TagName: "misc", Action: ActionThrottle, Percent: 90},
+	}
+	p := overlay(base, rules, fired("block-free", "throttle-pro"))
+	assert.Equal(t, map[string]float64{"free": 100, "pro": 50}, p.TagShedPercents)
+	assert.Equal(t, base.TagMaxWeights, p.TagMaxWeights)
+
+	p = overlay(base, rules, fired("throttle-pro", "throttle-pro-harder", "cap-batch", "cap-batch-legacy"))
+	assert.Equal(t, 80.0, p.TagShedPercents["pro"], "the strictest shed wins")
+	assert.Equal(t, 3.0, p.TagMaxWeights["batch"], "the lowest limit wins")
+
+	p = overlay(base, rules, fired("global-throttle", "global-cap", "loose-tag"))
+	assert.Equal(t, 30.0, p.GlobalShedPercent)
+	assert.Equal(t, 4.0, p.GlobalMaxWeight)
+	assert.Equal(t, 30.0, p.TagShedPercents["misc"], "a tag rule never loosens a global one")
+	assert.True(t, math.IsInf(p.TagMaxWeights["enterprise"], 1), "a base entry replaces the global limit")
+	assert.Nil(t, base.TagShedPercents, "the base is not modified")
+}
