@@ -3,17 +3,20 @@
 // it verifies signatures and tokens, aggregates pulses per site, runs
 // reflex rules and serves the resulting policies.
 //
-//	go run ./examples/controlplane -rules rules.json
+//	go run ./examples/controlplane -rules examples/controlplane/rules.json
 //
-// It prints the keys and URL to export for the services (or takes them from
-// -publish-key and -secret-key). It is a development tool: it keeps its
-// state in memory and prints the secret key it generated.
+// It accepts the key pair in WAITSTATE_PUBLISH_KEY and WAITSTATE_SECRET_KEY
+// (never as flags: those show in ps), and prints only the publish key and
+// URL for the services; without them it generates a pair and prints both,
+// since no one else knows that secret. It is a development tool: it keeps
+// its state in memory, listens on loopback unless -addr says otherwise, and
+// warns loudly when it does not.
 //
 // A rules file is a JSON array of rules for every site, or an object from
-// site to its array of rules:
+// site to its array of rules; rules.json beside this file is an example:
 //
-//	[{"name": "p95-sheds-free", "tagName": "free", "metric": "latency_p95_ms",
-//	  "operator": "gt", "threshold": 200, "maxWeight": 0, "cooldownSeconds": 30}]
+//	[{"name": "protect-enterprise", "metricTag": "enterprise", "metric": "latency_p95_ms",
+//	  "operator": ">", "threshold": 300, "tagName": "free", "action": "block", "cooldownSeconds": 30}]
 package main
 
 import (
@@ -21,7 +24,6 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
-	"errors"
 	"flag"
 	"fmt"
 	"log"
@@ -43,23 +45,22 @@ func main() {
 		addr       = flag.String("addr", "127.0.0.1:8787", "address to listen on")
 		rulesFile  = flag.String("rules", "", "JSON file of reflex rules")
 		policyFile = flag.String("policy", "", "JSON file of the base policy (default: version 1, unlimited)")
-		publishKey = flag.String("publish-key", "", "publish key to accept (default: generated)")
-		secretKey  = flag.String("secret-key", "", "secret key of the publish key (default: generated)")
 		lease      = flag.Duration("lease", 0, "lease of every answer (default: the clients' own, 3 × their longer interval)")
 		window     = flag.Duration("rule-window", controlplane.DefaultRuleWindow, "how far back the rules look")
 		every      = flag.Duration("status", 5*time.Second, "how often to print the fleet's figures")
 	)
 	flag.Parse()
-	if err := run(*addr, *rulesFile, *policyFile, *publishKey, *secretKey, *lease, *window, *every); err != nil {
+	if err := run(*addr, *rulesFile, *policyFile, os.Getenv(waitstate.EnvPublishKey), os.Getenv(waitstate.EnvSecretKey), *lease, *window, *every); err != nil {
 		log.Fatal(err)
 	}
 }
 
 func run(addr, rulesFile, policyFile, publishKey, secretKey string, lease, window, every time.Duration) error {
 	if (publishKey == "") != (secretKey == "") {
-		return errors.New("give both -publish-key and -secret-key, or neither")
+		return fmt.Errorf("set both %s and %s, or neither", waitstate.EnvPublishKey, waitstate.EnvSecretKey)
 	}
-	if publishKey == "" {
+	generated := publishKey == ""
+	if generated {
 		publishKey, secretKey = "pk_local_"+randomHex(), "sk_local_"+randomHex()
 	}
 	cp := controlplane.NewUnstarted()
@@ -78,7 +79,8 @@ func run(addr, rulesFile, policyFile, publishKey, secretKey string, lease, windo
 		if err := json.Unmarshal(data, &p); err != nil {
 			return fmt.Errorf("%s: %w", policyFile, err)
 		}
-		base = controlplane.Policy{Version: p.Version, GlobalMaxWeight: p.GlobalMaxWeight, TagMaxWeights: p.TagMaxWeights}
+		base = controlplane.Policy{Version: p.Version, GlobalMaxWeight: p.GlobalMaxWeight, TagMaxWeights: p.TagMaxWeights,
+			GlobalShedPercent: p.GlobalShedPercent, TagShedPercents: p.TagShedPercents}
 	}
 	cp.SetPolicy("", base)
 	if rulesFile != "" {
@@ -106,8 +108,18 @@ func run(addr, rulesFile, policyFile, publishKey, secretKey string, lease, windo
 	served := make(chan error, 1)
 	go func() { served <- server.Serve(ln) }()
 	fmt.Printf("WaitState control plane on http://%s\n\n", ln.Addr())
-	fmt.Printf("export %s=%s\nexport %s=%s\nexport %s=http://%s\n\n",
-		waitstate.EnvPublishKey, publishKey, waitstate.EnvSecretKey, secretKey, waitstate.EnvBaseURL, ln.Addr())
+	if ip := ln.Addr().(*net.TCPAddr).IP; !ip.IsLoopback() {
+		fmt.Fprintf(os.Stderr, "\n*** WARNING: listening on %s, beyond loopback. This is a development control plane:\n"+
+			"*** anyone who can reach it and holds the key pair can read and set this fleet's policies. ***\n\n", ln.Addr())
+	}
+	if generated {
+		fmt.Printf("export %s=%s\nexport %s=%s\nexport %s=http://%s\n\n",
+			waitstate.EnvPublishKey, publishKey, waitstate.EnvSecretKey, secretKey, waitstate.EnvBaseURL, ln.Addr())
+	} else {
+		// The secret came from the environment: it is not echoed.
+		fmt.Printf("export %s=%s\nexport %s=<as set for this control plane>\nexport %s=http://%s\n\n",
+			waitstate.EnvPublishKey, publishKey, waitstate.EnvSecretKey, waitstate.EnvBaseURL, ln.Addr())
+	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
