@@ -65,15 +65,19 @@ func (h *health) observe(latency time.Duration, failed bool) {
 
 // healthOf returns t's health, allocating it on the tag's first sample in
 // the window.
-func (t *tagCounter) healthOf() *health {
-	if h := t.health.Load(); h != nil {
-		return h
+func (t *tagCounter) healthOf() *health { return loadOrNew(&t.health) }
+
+// loadOrNew returns *p, first storing a new T there if it is nil; of
+// writers racing to store, one wins and all return its T.
+func loadOrNew[T any](p *atomic.Pointer[T]) *T {
+	if v := p.Load(); v != nil {
+		return v
 	}
-	fresh := new(health)
-	if t.health.CompareAndSwap(nil, fresh) {
+	fresh := new(T)
+	if p.CompareAndSwap(nil, fresh) {
 		return fresh
 	}
-	return t.health.Load()
+	return p.Load()
 }
 
 // healthSum adds up histograms: the site-wide health of a window is the sum

@@ -52,16 +52,7 @@ type metricAgg struct {
 
 // metricsOf returns t's metric set, allocating it on the tag's first sample
 // in the window.
-func (t *tagCounter) metricsOf() *metricSet {
-	if m := t.metrics.Load(); m != nil {
-		return m
-	}
-	fresh := new(metricSet)
-	if t.metrics.CompareAndSwap(nil, fresh) {
-		return fresh
-	}
-	return t.metrics.Load()
-}
+func (t *tagCounter) metricsOf() *metricSet { return loadOrNew(&t.metrics) }
 
 // record adds one sample of metric name; it reports false when the set
 // already holds MaxMetricsPerTag other names and the sample was dropped.

@@ -266,29 +266,33 @@ func parsePolicy(data []byte) (*Policy, error) {
 	if n := distinctTags(raw.TagMaxWeights, raw.TagShedPercents); n > MaxPolicyTags {
 		return nil, fmt.Errorf("%w: %d tags, more than %d", ErrBadPolicy, n, MaxPolicyTags)
 	}
-	if len(raw.TagMaxWeights) > 0 {
-		p.TagMaxWeights = make(map[string]float64, len(raw.TagMaxWeights))
+	if p.TagMaxWeights, err = parseTagMap(raw.TagMaxWeights, parseWeight, "tag"); err != nil {
+		return nil, err
 	}
-	for tag, w := range raw.TagMaxWeights {
-		if len(tag) > MaxTagNameBytes {
-			return nil, fmt.Errorf("%w: a tag name of %d bytes, more than %d", ErrBadPolicy, len(tag), MaxTagNameBytes)
-		}
-		if p.TagMaxWeights[tag], err = parseWeight(w); err != nil {
-			return nil, fmt.Errorf("%w (tag %q)", err, tag)
-		}
-	}
-	if len(raw.TagShedPercents) > 0 {
-		p.TagShedPercents = make(map[string]float64, len(raw.TagShedPercents))
-	}
-	for tag, v := range raw.TagShedPercents {
-		if len(tag) > MaxTagNameBytes {
-			return nil, fmt.Errorf("%w: a tag name of %d bytes, more than %d", ErrBadPolicy, len(tag), MaxTagNameBytes)
-		}
-		if p.TagShedPercents[tag], err = parsePercent(v); err != nil {
-			return nil, fmt.Errorf("%w (shed percent of tag %q)", err, tag)
-		}
+	if p.TagShedPercents, err = parseTagMap(raw.TagShedPercents, parsePercent, "shed percent of tag"); err != nil {
+		return nil, err
 	}
 	return p, nil
+}
+
+// parseTagMap parses a map of tag to number with parse, refusing a tag name
+// longer than MaxTagNameBytes; what names the value in an error. An empty
+// map is nil.
+func parseTagMap(raw map[string]json.RawMessage, parse func(json.RawMessage) (float64, error), what string) (map[string]float64, error) {
+	if len(raw) == 0 {
+		return nil, nil
+	}
+	out := make(map[string]float64, len(raw))
+	for tag, v := range raw {
+		if len(tag) > MaxTagNameBytes {
+			return nil, fmt.Errorf("%w: a tag name of %d bytes, more than %d", ErrBadPolicy, len(tag), MaxTagNameBytes)
+		}
+		var err error
+		if out[tag], err = parse(v); err != nil {
+			return nil, fmt.Errorf("%w (%s %q)", err, what, tag)
+		}
+	}
+	return out, nil
 }
 
 // distinctTags counts the tag names of a and b together.
