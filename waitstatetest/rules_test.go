@@ -294,3 +294,12 @@ func TestRulesProtectATier(t *testing.T) {
 	eventually(t, func() bool { return c.Gate("free", 1).Allowed }, "free admitted once enterprise is fast again")
 	assert.Empty(t, c.Policy().TagShedPercents)
 }
+
+// TestServerServesADefaultPolicy: a test that forgets SetPolicy gets a
+// ready client with an unlimited policy, not a silent wait.
+func TestServerServesADefaultPolicy(t *testing.T) {
+	srv := waitstatetest.NewTestServer(t)
+	c := start(t, srv, "") // Ready returns
+	assert.Equal(t, waitstatetest.DefaultPolicy(), c.Policy())
+	assert.Equal(t, waitstate.ReasonAllowed, c.Gate("anything", 1e9).Reason)
+}

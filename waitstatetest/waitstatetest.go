@@ -18,6 +18,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"math"
 	"testing"
 	"time"
 
@@ -89,13 +90,21 @@ type Server struct {
 	secretKey  string
 }
 
-// NewServer starts a control plane on loopback with a fresh key pair and
-// no policy: clients fail open until SetPolicy. Close it when done.
+// DefaultPolicy is the policy a Server serves until SetPolicy: version 1,
+// unlimited, nothing shed. So a client becomes Ready against a server a
+// test set up with no policy, instead of waiting for one silently.
+func DefaultPolicy() *waitstate.Policy {
+	return &waitstate.Policy{Version: 1, GlobalMaxWeight: math.Inf(1)}
+}
+
+// NewServer starts a control plane on loopback with a fresh key pair,
+// serving DefaultPolicy until SetPolicy. Close it when done.
 func NewServer() *Server {
 	s := &Server{cp: controlplane.New(), publishKey: "pk_test_" + randomHex(), secretKey: "sk_test_" + randomHex()}
 	s.URL = s.cp.URL
 	s.cp.AddKey(s.publishKey, s.secretKey)
 	s.cp.SetRuleWindow(RuleWindow)
+	s.SetPolicy("", DefaultPolicy())
 	return s
 }
 
