@@ -28,7 +28,11 @@ type Options struct {
 	PublishKey string
 
 	// SecretKey signs requests and verifies responses and tokens. Required.
-	// It is never sent, logged or included in an error.
+	// It is never sent, logged or included in an error, and Options prints
+	// it as [REDACTED] with every verb, in slog and in JSON. One case is
+	// beyond its reach: fmt prints an unexported struct field of type
+	// Options field by field, without calling its methods, so do not print
+	// a struct that keeps Options in an unexported field.
 	SecretKey string
 
 	// BaseURL is the control plane's address, http or https.
