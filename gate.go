@@ -167,12 +167,11 @@ var failOpen = GateResult{Allowed: true, Reason: ReasonFailOpen, Limit: math.Inf
 func (c *Client) Gate(tag string, weight float64) GateResult {
 	h, hashed := hashTag(c.seed, tag)
 	v := c.view.Load()
-	ctr := v.win.lookupLive(tag, h, hashed, v.policy)
-	for v.win != nil && ctr == nil {
-		// The window was swept before the tag got a place: the view of the
-		// next one is already published.
-		v = c.view.Load()
-		ctr = v.win.lookupLive(tag, h, hashed, v.policy)
+	var ctr *tagCounter
+	if v.win != nil {
+		if ctr = v.win.lookupHashed(tag, h, hashed, v.policy); ctr == nil {
+			v, ctr = c.liveCounter(tag, h, hashed) // swept before the tag got a place
+		}
 	}
 	var r GateResult
 	switch v.answer {
@@ -197,12 +196,7 @@ func (c *Client) Gate(tag string, weight float64) GateResult {
 	for ctr != nil && !ctr.add(r.Allowed) {
 		// The window was cut between the load and the add: count in the
 		// window that replaced it. Rare, and bounded by the cut rate.
-		v = c.view.Load()
-		ctr = v.win.lookupLive(tag, h, hashed, v.policy)
-		for v.win != nil && ctr == nil {
-			v = c.view.Load()
-			ctr = v.win.lookupLive(tag, h, hashed, v.policy)
-		}
+		_, ctr = c.liveCounter(tag, h, hashed)
 	}
 	if !r.Allowed && c.opts.Shadow {
 		r.Allowed, r.Shadowed = true, true
@@ -210,13 +204,21 @@ func (c *Client) Gate(tag string, weight float64) GateResult {
 	return r
 }
 
-// lookupLive is lookupHashed on a window that may be nil (the client is
-// shut down); it then returns nil.
-func (w *window) lookupLive(tag string, h uint64, hashed bool, p *Policy) *tagCounter {
-	if w == nil {
-		return nil
+// liveCounter returns the view in force and the counter of tag in its
+// window, given hashTag's answer; the counter is nil once the client is
+// shut down. A window swept before the tag got a place sends it to the
+// next one, whose view is already published (invariant 3). Gate makes its
+// first lookup inline and comes here only when that one missed.
+func (c *Client) liveCounter(tag string, h uint64, hashed bool) (*view, *tagCounter) {
+	for {
+		v := c.view.Load()
+		if v.win == nil {
+			return v, nil
+		}
+		if ctr := v.win.lookupHashed(tag, h, hashed, v.policy); ctr != nil {
+			return v, ctr
+		}
 	}
-	return w.lookupHashed(tag, h, hashed, p)
 }
 
 // cachedLimit is the counter's limit under p, if it has it cached; nil for
