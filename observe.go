@@ -20,18 +20,27 @@ func (c *Client) Observe(latency time.Duration, failed bool) {
 // For a tag already seen in the window it takes no lock and allocates
 // nothing. After Shutdown it records nothing.
 func (c *Client) ObserveTag(tag string, latency time.Duration, failed bool) {
+	v, r := c.reserve()
+	if r == nil {
+		return // shut down
+	}
+	v.win.extra(tag, v.policy).healthOf().observe(latency, failed)
+	r.exit()
+}
+
+// reserve takes a reservation to write one sample into the live window
+// (invariant 7) and returns the view it belongs to; r is nil once the
+// client is shut down. A window cut under it sends it to the next one,
+// whose view is already published.
+func (c *Client) reserve() (v *view, r *writerStripe) {
 	for {
-		v := c.view.Load()
+		v = c.view.Load()
 		if v.win == nil {
-			return // shut down
+			return v, nil
 		}
-		r := v.win.enter()
-		if r == nil {
-			continue // cut: the next window's view is published
+		if r = v.win.enter(); r != nil {
+			return v, r
 		}
-		v.win.extra(tag, v.policy).healthOf().observe(latency, failed)
-		r.exit()
-		return
 	}
 }
 
@@ -75,24 +84,19 @@ func (t Timer) Stop(failed bool) time.Duration {
 // For a tag and name already seen in the window it takes no lock and
 // allocates nothing. After Shutdown it records nothing.
 func (c *Client) Record(tag, metric string, value float64) {
-	for {
-		v := c.view.Load()
-		if v.win == nil {
-			return
-		}
-		if !validMetricName(metric) || math.IsNaN(value) || math.IsInf(value, 0) {
-			c.metricsDropped.Add(1)
-			return
-		}
-		r := v.win.enter()
-		if r == nil {
-			continue
-		}
-		ok := v.win.extra(tag, v.policy).metricsOf().record(metric, value)
-		r.exit()
-		if !ok {
+	if !validMetricName(metric) || math.IsNaN(value) || math.IsInf(value, 0) {
+		if c.view.Load().win != nil { // after Shutdown nothing is counted, drops neither
 			c.metricsDropped.Add(1)
 		}
 		return
+	}
+	v, r := c.reserve()
+	if r == nil {
+		return // shut down
+	}
+	ok := v.win.extra(tag, v.policy).metricsOf().record(metric, value)
+	r.exit()
+	if !ok {
+		c.metricsDropped.Add(1)
 	}
 }
