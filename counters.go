@@ -438,18 +438,15 @@ type windowCounts struct {
 	tags           map[string]tagCount
 }
 
-// count reads every counter, freezing them when seal is set (the window is
-// being cut) or not (a Stats peek). Only tags with calls are listed.
-func (w *window) count(seal bool) windowCounts {
+// peek reads every counter without freezing them, for Stats; the cut
+// reads and freezes them in report. Only tags with calls are listed.
+func (w *window) peek() windowCounts {
 	wc := windowCounts{tags: make(map[string]tagCount, w.n.Load()+1)}
-	for _, c := range w.counters(seal) {
+	for _, c := range w.counters(false) {
 		if c == &w.site {
 			continue // samples only: Gate never counts here
 		}
 		tc := c.peek()
-		if seal {
-			tc = c.seal()
-		}
 		if tc.Usage == 0 && tc.Bounced == 0 {
 			continue
 		}

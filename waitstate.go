@@ -233,7 +233,7 @@ func (c *Client) Stats() Stats {
 	c.mu.Lock()
 	usage, bounced := c.usageTotal, c.bouncedTotal
 	if c.win != nil {
-		live := c.win.count(false)
+		live := c.win.peek()
 		usage += live.usage
 		bounced += live.bounced
 	}
