@@ -14,24 +14,8 @@ const (
 	MaxMetricsPerTag = 8
 
 	// MaxMetricNameBytes bounds a metric name.
-	MaxMetricNameBytes = 64
+	MaxMetricNameBytes = wire.MaxMetricNameBytes
 )
-
-// validMetricName reports whether name is 1 to MaxMetricNameBytes bytes of
-// [a-z0-9_.].
-func validMetricName(name string) bool {
-	if len(name) == 0 || len(name) > MaxMetricNameBytes {
-		return false
-	}
-	for i := 0; i < len(name); i++ {
-		switch b := name[i]; {
-		case b >= 'a' && b <= 'z', b >= '0' && b <= '9', b == '_', b == '.':
-		default:
-			return false
-		}
-	}
-	return true
-}
 
 // metricSet is one tag's custom metrics in one window: up to
 // MaxMetricsPerTag names, each settled by the compare-and-swap that puts it

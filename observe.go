@@ -3,6 +3,8 @@ package waitstate
 import (
 	"math"
 	"time"
+
+	"github.com/waitstate/waitstate-go/internal/wire"
 )
 
 // Observe records one health sample of the site as a whole: how long a unit
@@ -84,7 +86,7 @@ func (t Timer) Stop(failed bool) time.Duration {
 // For a tag and name already seen in the window it takes no lock and
 // allocates nothing. After Shutdown it records nothing.
 func (c *Client) Record(tag, metric string, value float64) {
-	if !validMetricName(metric) || math.IsNaN(value) || math.IsInf(value, 0) {
+	if !wire.ValidMetricName(metric) || math.IsNaN(value) || math.IsInf(value, 0) {
 		if c.view.Load().win != nil { // after Shutdown nothing is counted, drops neither
 			c.metricsDropped.Add(1)
 		}

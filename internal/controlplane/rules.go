@@ -43,15 +43,7 @@ func (m Metric) customMetric() (name string, useMax, ok bool) {
 		return "", false, false
 	}
 	name, useMax = strings.CutSuffix(rest, ":max")
-	return name, useMax, validMetricName(name)
-}
-
-// validMetricName is the SDK's rule for custom metric names.
-func validMetricName(name string) bool {
-	if len(name) == 0 || len(name) > 64 {
-		return false
-	}
-	return strings.Trim(name, "abcdefghijklmnopqrstuvwxyz0123456789_.") == ""
+	return name, useMax, wire.ValidMetricName(name)
 }
 
 // Action is what a fired rule does to its tag.

@@ -53,3 +53,22 @@ type Metric struct {
 	Min   float64 `json:"min"`
 	Max   float64 `json:"max"`
 }
+
+// MaxMetricNameBytes bounds a custom metric's name.
+const MaxMetricNameBytes = 64
+
+// ValidMetricName reports whether name can name a custom metric: 1 to
+// MaxMetricNameBytes bytes of [a-z0-9_.].
+func ValidMetricName(name string) bool {
+	if len(name) == 0 || len(name) > MaxMetricNameBytes {
+		return false
+	}
+	for i := 0; i < len(name); i++ {
+		switch b := name[i]; {
+		case b >= 'a' && b <= 'z', b >= '0' && b <= '9', b == '_', b == '.':
+		default:
+			return false
+		}
+	}
+	return true
+}
