@@ -104,7 +104,8 @@ func run(addr, rulesFile, policyFile, publishKey, secretKey string, lease, windo
 	if err != nil {
 		return err
 	}
-	server := &http.Server{Handler: cp.Handler(), ReadHeaderTimeout: 5 * time.Second}
+	server := &http.Server{Handler: cp.Handler()}
+	controlplane.DefaultTimeouts.Apply(server)
 	served := make(chan error, 1)
 	go func() { served <- server.Serve(ln) }()
 	fmt.Printf("WaitState control plane on http://%s\n\n", ln.Addr())
@@ -125,7 +126,7 @@ func run(addr, rulesFile, policyFile, publishKey, secretKey string, lease, windo
 	defer stop()
 	t := time.NewTicker(every)
 	defer t.Stop()
-	events := 0
+	var seen uint64 // the Seq of the last event printed
 	for {
 		select {
 		case err := <-served:
@@ -137,15 +138,17 @@ func run(addr, rulesFile, policyFile, publishKey, secretKey string, lease, windo
 			defer cancel()
 			return server.Shutdown(shutdownCtx)
 		case <-t.C:
-			ev := cp.Events()
-			for _, e := range ev[events:] {
+			for _, e := range cp.Events() {
+				if e.Seq <= seen {
+					continue
+				}
+				seen = e.Seq
 				state := "cleared"
 				if e.Fired {
 					state = fmt.Sprintf("fired (%.1f)", e.Value)
 				}
 				fmt.Printf("%s site %q rule %q %s → policy v%d\n", e.At.Format(time.TimeOnly), e.Site, e.Rule, state, e.Version)
 			}
-			events = len(ev)
 			status(cp)
 		}
 	}

@@ -3,6 +3,8 @@ package controlplane
 import (
 	"bytes"
 	"fmt"
+	"math"
+	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
 	"strconv"
@@ -58,19 +60,23 @@ func BenchmarkPulse(b *testing.B) {
 }
 
 // BenchmarkEvaluate is one evaluation of a site's rules over a window of
-// 1,000 pulses with health (a fleet of 1,000 instances pulsing once per
-// window), both latency quantiles included.
+// 1,000 pulses with health and histograms (a fleet of 1,000 instances
+// pulsing once per window), the latency quantiles included.
 func BenchmarkEvaluate(b *testing.B) {
-	samples := make([]sample, 1000)
-	for i := range samples {
-		samples[i] = sample{instance: strconv.Itoa(i), calls: 100, health: &Health{Requests: uint64(50 + i%100), Errors: 1,
-			LatencyMs: Latency{P50: 10 + float64(i%50), P95: 80 + float64(i%200), P99: 120 + float64(i%300), Max: 400}}}
+	var pulses []*Pulse
+	r := rand.New(rand.NewPCG(1, 2))
+	for i := range 1000 {
+		us := make([]uint64, 50+i%100)
+		for j := range us {
+			us[j] = uint64(10_000 * math.Exp(0.6*r.NormFloat64()))
+		}
+		pulses = append(pulses, &Pulse{PulseBody: wire.PulseBody{InstanceID: strconv.Itoa(i), UsageDelta: 100, Health: instanceHealth(us)}})
 	}
-	r := Rule{Name: "p95", TagName: "free", Metric: MetricLatencyP95, Operator: "gt", Threshold: 200, CooldownSeconds: 5}
+	w := windowOf(pulses)
+	rule := Rule{Name: "p95", TagName: "free", Metric: MetricLatencyP95, Operator: "gt", Threshold: 200, CooldownSeconds: 5}
 	var st ruleState
-	now := time.Now()
 	b.ReportAllocs()
 	for b.Loop() {
-		st.step(r, metrics(samples, 5*time.Second), now)
+		st.step(rule, w.metrics(testNow, time.Second, ""), testNow)
 	}
 }

@@ -1,27 +1,23 @@
 // Package controlplane is a WaitState control plane that speaks the whole
 // protocol on loopback: it verifies every signature and token,
 // signs every 2xx answer, counts each (instance, seq) once, serves policies
-// per site, and can be told to fail in every way the SDK must survive.
+// per key and site, runs reflex rules, and can be told to fail in every way
+// the SDK must survive. Left running, its memory stays bounded by its keys,
+// sites, instances and tags (see the invariants in state.go).
 //
 // It imports nothing of the SDK, so the SDK's own tests can use it; the
 // public waitstatetest package wraps it for users.
 package controlplane
 
 import (
-	"bytes"
 	"encoding/json"
 	"fmt"
-	"io"
 	"maps"
-	"math"
 	"net/http"
 	"net/http/httptest"
 	"slices"
-	"strconv"
 	"sync"
 	"time"
-
-	"github.com/golang-jwt/jwt/v5"
 
 	"github.com/waitstate/waitstate-go/internal/wire"
 )
@@ -106,11 +102,6 @@ type Faults struct {
 	OtherIdentity bool          // 2xx answers are signed for another instance and site, as if relayed from them
 }
 
-type instanceSeq struct {
-	instance string
-	seq      uint64
-}
-
 // Server is a control plane on loopback. Its methods are safe for
 // concurrent use.
 type Server struct {
@@ -120,25 +111,36 @@ type Server struct {
 	srv  *httptest.Server
 	quit chan struct{}
 
+	// mu guards the configuration and the maps of keys and tenants; no
+	// pulse holds it while it counts or evaluates rules.
 	mu         sync.Mutex
-	keys       map[string]string     // publish key → secret key
-	sites      map[string]*siteState // "" is the default for sites without their own
+	keys       map[string]string  // publish key → secret key
+	primary    string             // the first key added: the one Totals, Metrics and Policy read
+	tenants    map[string]*tenant // by publish key
+	config     map[string]*siteConfig
+	resolved   map[string]*resolved // by site, for the current gen
+	gen        int64                // bumped by every configuration change
 	ruleWindow time.Duration
-	logLimit   int
-	events     []Event
 	leaseTTL   time.Duration
 	pulseEvery time.Duration // pulseIntervalMs of every answer; 0 leaves it out
 	syncEvery  time.Duration // syncIntervalMs of every answer; 0 leaves it out
 	tokenTTL   time.Duration
+	tokenGen   int64 // tokens of an earlier generation are revoked
 	faults     Faults
-	counted    map[instanceSeq]bool
-	pulses     []Pulse
-	requests   []Request
-	tokens     map[string]bool // issued and not revoked
-	inflight   map[string]int  // by instance and loop ("pulse" or "sync")
+	inflight   map[string]int // by known key's instance and loop
 	maxFlight  map[string]int
-	lastReply  map[string]reply
-	closeOnce  sync.Once
+	lastReply  map[string]reply // by path
+
+	nonces nonceMemory
+
+	logMu    sync.Mutex
+	logLimit int
+	logBytes int
+	requests boundedLog[Request]
+	pulses   boundedLog[Pulse]
+	events   boundedLog[Event]
+
+	closeOnce sync.Once
 }
 
 type reply struct {
@@ -146,45 +148,82 @@ type reply struct {
 	sig  string
 }
 
-// siteState is what the control plane holds for one site.
-type siteState struct {
-	base      *Policy               // its own policy; nil: the default site's
-	raw       json.RawMessage       // a policy served as it is, rules or not
-	rules     []Rule                // its own rules; nil: the default site's
-	bumps     int64                 // policy changes made by its rules
-	firing    map[string]*ruleState // by rule name
-	samples   []sample              // its pulses within the rule window
-	evaluated time.Time             // when its rules were last stepped
-	totals    Totals                // over every pulse counted
-	instances map[string]bool       // that ever pulsed
+// siteConfig is what the operator set for one site name, for every key.
+type siteConfig struct {
+	base     *Policy         // its own policy; nil: the default site's
+	raw      json.RawMessage // a policy served as it is, rules or not
+	rules    []Rule          // its own rules; nil: the default site's
+	incident time.Duration   // its incident pulse interval; 0: the default site's, else derived
+}
+
+// resolved is a site's configuration with the defaults filled in, as one
+// request reads it. It is never changed once built.
+type resolved struct {
+	gen        int64
+	base       *Policy
+	raw        json.RawMessage
+	rules      []Rule
+	watched    []string // the tags the rules measure
+	incident   time.Duration
+	window     time.Duration
+	leaseTTL   time.Duration
+	pulseEvery time.Duration
+	syncEvery  time.Duration
 }
 
 // DefaultRuleWindow is how far back the rules look unless SetRuleWindow
 // says otherwise.
 const DefaultRuleWindow = 5 * time.Second
 
-// New starts a control plane on loopback that knows no keys and has no
-// policy. Close it when done.
-func New() *Server {
+// Timeouts are the HTTP server's limits on a slow or idle client.
+type Timeouts struct {
+	ReadHeader time.Duration // to read a request's headers
+	Read       time.Duration // to read a whole request, body included
+	Write      time.Duration // from the end of the headers to the end of the answer
+	Idle       time.Duration // a keep-alive connection waiting for its next request
+}
+
+// DefaultTimeouts are those of New: generous for a client on loopback,
+// short enough that a slow or idle connection does not stay open.
+var DefaultTimeouts = Timeouts{ReadHeader: 5 * time.Second, Read: 10 * time.Second, Write: 20 * time.Second, Idle: 15 * time.Second}
+
+// maxHeaderBytes bounds a request's headers; the protocol's are short.
+const maxHeaderBytes = 64 << 10
+
+// Apply sets the timeouts, and a bound on request headers, on srv.
+func (t Timeouts) Apply(srv *http.Server) {
+	srv.ReadHeaderTimeout, srv.ReadTimeout, srv.WriteTimeout, srv.IdleTimeout = t.ReadHeader, t.Read, t.Write, t.Idle
+	srv.MaxHeaderBytes = maxHeaderBytes
+}
+
+// New starts a control plane on loopback, with DefaultTimeouts, that knows
+// no keys and has no policy. Close it when done.
+func New() *Server { return NewWithTimeouts(DefaultTimeouts) }
+
+// NewWithTimeouts is New with other timeouts.
+func NewWithTimeouts(t Timeouts) *Server {
 	s := NewUnstarted()
-	s.srv = httptest.NewServer(s.Handler())
+	s.srv = httptest.NewUnstartedServer(s.Handler())
+	t.Apply(s.srv.Config)
+	s.srv.Start()
 	s.URL = s.srv.URL
 	return s
 }
 
 // NewUnstarted returns a control plane that serves nothing until its
-// Handler is mounted on a server of the caller's; Close still releases
-// hung requests.
+// Handler is mounted on a server of the caller's (see Timeouts.Apply);
+// Close still releases hung requests.
 func NewUnstarted() *Server {
 	return &Server{
 		quit:       make(chan struct{}),
 		keys:       map[string]string{},
-		sites:      map[string]*siteState{},
+		tenants:    map[string]*tenant{},
+		config:     map[string]*siteConfig{},
+		resolved:   map[string]*resolved{},
 		ruleWindow: DefaultRuleWindow,
 		logLimit:   DefaultLogLimit,
+		logBytes:   DefaultLogBytes,
 		tokenTTL:   time.Hour,
-		counted:    map[instanceSeq]bool{},
-		tokens:     map[string]bool{},
 		inflight:   map[string]int{},
 		maxFlight:  map[string]int{},
 		lastReply:  map[string]reply{},
@@ -219,33 +258,102 @@ func (s *Server) Close() {
 	})
 }
 
-// site returns a site's state, creating it. Call with s.mu held.
-func (s *Server) site(name string) *siteState {
-	st := s.sites[name]
-	if st == nil {
-		st = &siteState{firing: map[string]*ruleState{}}
-		s.sites[name] = st
-	}
-	return st
-}
-
-// AddKey makes a key pair known.
+// AddKey makes a key pair known. The first key added is the one Totals,
+// Metrics and Policy report on; the ...Of methods take a key.
 func (s *Server) AddKey(publishKey, secretKey string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.keys[publishKey] = secretKey
+	if s.primary == "" {
+		s.primary = publishKey
+	}
+}
+
+// configure changes a site's configuration. Call with s.mu held.
+func (s *Server) configure(site string, change func(*siteConfig)) {
+	c := s.config[site]
+	if c == nil {
+		c = &siteConfig{}
+		s.config[site] = c
+	}
+	change(c)
+	s.changed()
+}
+
+// changed invalidates every resolved configuration. Call with s.mu held.
+func (s *Server) changed() {
+	s.gen++
+	clear(s.resolved)
+}
+
+// resolve returns site's configuration with the defaults filled in.
+func (s *Server) resolve(site string) *resolved {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if r := s.resolved[site]; r != nil {
+		return r
+	}
+	own, def := s.config[site], s.config[""]
+	if own == nil {
+		own = &siteConfig{}
+	}
+	if def == nil {
+		def = &siteConfig{}
+	}
+	r := &resolved{gen: s.gen, window: s.ruleWindow, leaseTTL: s.leaseTTL, pulseEvery: s.pulseEvery, syncEvery: s.syncEvery,
+		rules: own.rules, incident: own.incident}
+	switch {
+	case own.raw != nil:
+		r.raw = own.raw
+	case own.base != nil:
+		r.base = own.base
+	default:
+		r.raw, r.base = def.raw, def.base
+	}
+	if r.rules == nil {
+		r.rules = def.rules
+	}
+	if r.incident == 0 {
+		r.incident = def.incident
+	}
+	for _, rule := range r.rules {
+		if rule.MetricTag != "" && !slices.Contains(r.watched, rule.MetricTag) {
+			r.watched = append(r.watched, rule.MetricTag)
+		}
+	}
+	if len(s.resolved) < maxResolved {
+		s.resolved[site] = r
+	}
+	return r
+}
+
+// maxResolved bounds the cache of resolved configurations; sites beyond it
+// are resolved per request.
+const maxResolved = 10_000
+
+// tenant returns the state of a publish key, creating it. Only keys that
+// authenticated get one.
+func (s *Server) tenant(key string) *tenant {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	t := s.tenants[key]
+	if t == nil {
+		t = &tenant{sites: map[string]*siteState{}}
+		s.tenants[key] = t
+	}
+	return t
 }
 
 // SetPolicy sets the base policy of site ("" is the default for sites
-// without one of their own). The policy served is the base with the limits
-// of the site's firing rules applied; its version is the base's plus the
-// number of changes the rules have made.
+// without one of their own), for every key. The policy a key's site is
+// served is the base with the actions of that site's firing rules applied;
+// its version is the base's plus the number of changes the rules have made.
 func (s *Server) SetPolicy(site string, p Policy) {
+	p.TagMaxWeights = maps.Clone(p.TagMaxWeights)
+	p.TagShedPercents = maps.Clone(p.TagShedPercents)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	st := s.site(site)
-	p.TagMaxWeights = maps.Clone(p.TagMaxWeights)
-	st.base, st.raw = &p, nil
+	s.configure(site, func(c *siteConfig) { c.base, c.raw = &p, nil })
 }
 
 // SetPolicyJSON sets a policy as raw JSON, served as it is and always (its
@@ -253,11 +361,13 @@ func (s *Server) SetPolicy(site string, p Policy) {
 func (s *Server) SetPolicyJSON(site, raw string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.site(site).raw = json.RawMessage(raw)
+	s.configure(site, func(c *siteConfig) { c.raw = json.RawMessage(raw) })
 }
 
 // SetRules sets the reflex rules of site ("" is the default for sites
-// without rules of their own). Rules that keep their name keep their state.
+// without rules of their own). Rules that keep their name keep their
+// state. A tag a rule newly measures (its MetricTag) is aggregated from
+// then on: its figures fill within one rule window.
 func (s *Server) SetRules(site string, rules ...Rule) error {
 	seen := map[string]bool{}
 	for _, r := range rules {
@@ -271,86 +381,31 @@ func (s *Server) SetRules(site string, rules ...Rule) error {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.site(site).rules = slices.Clone(rules)
+	s.configure(site, func(c *siteConfig) { c.rules = slices.Clone(rules) })
 	return nil
 }
 
+// SetIncidentPulseInterval sets the pulseIntervalMs that site's answers
+// carry while one of its rules is fired ("" is the default for sites
+// without one of their own). Unset, it is min(normal, max(normal/4,
+// 250 ms)), normal being the interval of SetIntervals or, without one, the
+// interval the site's clients were pulsing at when the incident began; it
+// never slows a fleet down. After every rule has cleared, answers carry the
+// normal interval again.
+func (s *Server) SetIncidentPulseInterval(site string, d time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.configure(site, func(c *siteConfig) { c.incident = d })
+}
+
 // SetRuleWindow sets how far back the rules look: the metrics are computed
-// over the pulses received within it. A few pulse intervals is right.
+// over the pulses received within it. A few pulse intervals is right. The
+// figures gathered so far are dropped.
 func (s *Server) SetRuleWindow(d time.Duration) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.ruleWindow = d
-}
-
-// Events returns the rules' firings and clearings so far, in order.
-func (s *Server) Events() []Event {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return slices.Clone(s.events)
-}
-
-// Metrics returns site's figures over the rule window.
-func (s *Server) Metrics(site string) Metrics {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	st := s.site(site)
-	st.prune(time.Now(), s.ruleWindow)
-	return metrics(st.samples, s.ruleWindow)
-}
-
-// prune drops the samples older than window.
-func (st *siteState) prune(now time.Time, window time.Duration) {
-	i := 0
-	for i < len(st.samples) && now.Sub(st.samples[i].at) > window {
-		i++
-	}
-	st.samples = st.samples[i:]
-}
-
-// evaluate records a pulse of site and steps its rules, at most once per
-// twentieth of the rule window (and at least every 100 ms of pulses): the
-// metrics are computed over every pulse in the window, so a large fleet
-// must not recompute them on every pulse. Call with s.mu held.
-func (s *Server) evaluate(site string, p *Pulse, now time.Time) {
-	st := s.site(site)
-	st.samples = append(st.samples, sample{at: now, instance: p.InstanceID, calls: p.UsageDelta + p.BouncedDelta, health: p.Health,
-		tags: p.Tags, metrics: p.Metrics})
-	st.prune(now, s.ruleWindow)
-	rules := s.rulesOf(st)
-	if len(rules) == 0 || now.Sub(st.evaluated) < min(s.ruleWindow/20, 100*time.Millisecond) {
-		return
-	}
-	st.evaluated = now
-	scopes := map[string]Metrics{} // by MetricTag, computed once per step
-	for _, r := range rules {
-		rs := st.firing[r.Name]
-		if rs == nil {
-			rs = &ruleState{}
-			st.firing[r.Name] = rs
-		}
-		m, ok := scopes[r.MetricTag]
-		if !ok {
-			m = scopeMetrics(st.samples, s.ruleWindow, r.MetricTag)
-			scopes[r.MetricTag] = m
-		}
-		if changed, v := rs.step(r, m, now); changed {
-			st.bumps++
-			_, version, _ := s.policyLocked(site)
-			s.events = append(s.events, Event{At: now, Site: site, Rule: r.Name, Fired: rs.firing, Value: v, Version: version})
-		}
-	}
-}
-
-// rulesOf returns a site's rules: its own, else the default site's.
-func (s *Server) rulesOf(st *siteState) []Rule {
-	if st.rules != nil {
-		return st.rules
-	}
-	if def := s.sites[""]; def != nil {
-		return def.rules
-	}
-	return nil
+	s.changed()
 }
 
 // SetLeaseTTL sets the leaseTtlMs of every answer; 0 leaves it out.
@@ -358,6 +413,7 @@ func (s *Server) SetLeaseTTL(d time.Duration) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.leaseTTL = d
+	s.changed()
 }
 
 // SetIntervals sets the pulseIntervalMs and syncIntervalMs of every answer,
@@ -366,6 +422,7 @@ func (s *Server) SetIntervals(pulse, sync time.Duration) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.pulseEvery, s.syncEvery = pulse, sync
+	s.changed()
 }
 
 // SetTokenTTL sets the lifetime of the tokens issued from now on.
@@ -386,46 +443,138 @@ func (s *Server) SetFaults(f Faults) {
 func (s *Server) RevokeTokens() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	clear(s.tokens)
+	s.tokenGen++
 }
 
-// Pulses returns the pulses counted so far (the last SetLogLimit), in order of
+// DefaultLogLimit is how many requests, pulses and events Requests, Pulses
+// and Events keep unless SetLogLimit says otherwise; DefaultLogBytes bounds
+// the bytes each log holds. Totals counts every pulse regardless.
+const (
+	DefaultLogLimit = 10_000
+	DefaultLogBytes = 64 << 20
+)
+
+// SetLogLimit sets how many requests, pulses and events the logs keep.
+func (s *Server) SetLogLimit(n int) {
+	s.logMu.Lock()
+	defer s.logMu.Unlock()
+	s.logLimit = n
+}
+
+// Events returns the rules' firings and clearings still in the log, in
+// order; Seq tells whether any were dropped.
+func (s *Server) Events() []Event {
+	s.logMu.Lock()
+	defer s.logMu.Unlock()
+	return s.events.all()
+}
+
+// Pulses returns the pulses counted that are still in the log, in order of
 // arrival; a repeated (instance, seq) is acknowledged but not listed again.
 func (s *Server) Pulses() []Pulse {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return slices.Clone(s.pulses)
+	s.logMu.Lock()
+	defer s.logMu.Unlock()
+	return s.pulses.all()
 }
 
-// Requests returns the requests received so far (the last SetLogLimit).
+// Requests returns the requests still in the log, in order of arrival.
 func (s *Server) Requests() []Request {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return slices.Clone(s.requests)
+	s.logMu.Lock()
+	defer s.logMu.Unlock()
+	return s.requests.all()
 }
 
-// Totals adds up the pulses counted from site, since the server started.
-func (s *Server) Totals(site string) Totals {
+// primaryKey is the key that Totals, Metrics and Policy read.
+func (s *Server) primaryKey() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	st := s.site(site)
+	return s.primary
+}
+
+// Totals adds up the pulses counted from site, under the first key added.
+func (s *Server) Totals(site string) Totals { return s.TotalsOf(s.primaryKey(), site) }
+
+// TotalsOf adds up the pulses counted from site under key.
+func (s *Server) TotalsOf(key, site string) Totals {
+	st := s.tenant(key).site(site)
+	st.mu.Lock()
+	defer st.mu.Unlock()
 	t := st.totals
 	t.Tags = maps.Clone(st.totals.Tags)
 	if t.Tags == nil {
 		t.Tags = map[string]TagCount{}
 	}
-	t.Instances = len(st.instances)
+	t.Instances = len(st.seen)
 	return t
 }
 
-// count adds a counted pulse to its site's totals. Call with s.mu held.
-func (s *Server) count(p *Pulse) {
-	st := s.site(p.Site)
-	if st.instances == nil {
-		st.instances = map[string]bool{}
+// Metrics returns site's figures over the rule window, under the first key
+// added.
+func (s *Server) Metrics(site string) Metrics { return s.MetricsOf(s.primaryKey(), site, "") }
+
+// MetricsOf returns the figures of site under key over the rule window, for
+// the whole site (tag "") or for a tag that one of the site's rules
+// measures.
+func (s *Server) MetricsOf(key, site, tag string) Metrics {
+	cfg := s.resolve(site)
+	st := s.tenant(key).site(site)
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	st.fit(cfg)
+	return st.window.metrics(time.Now(), cfg.window, tag)
+}
+
+// Policy returns the policy served to site now under the first key added,
+// rules applied; ok is false when there is none or it was set as raw JSON.
+func (s *Server) Policy(site string) (Policy, bool) { return s.PolicyOf(s.primaryKey(), site) }
+
+// PolicyOf returns the policy served to site under key now.
+func (s *Server) PolicyOf(key, site string) (Policy, bool) {
+	cfg := s.resolve(site)
+	if cfg.raw != nil || cfg.base == nil {
+		return Policy{}, false
+	}
+	st := s.tenant(key).site(site)
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return st.effective(cfg), true
+}
+
+// MaxInFlight returns, for each instance and loop ("<instance> pulse" or
+// "<instance> sync") of a known key, the most requests it ever had in
+// flight at once.
+func (s *Server) MaxInFlight() map[string]int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return maps.Clone(s.maxFlight)
+}
+
+// MaxSiteTags is how many distinct tags a site's Totals track; the counts
+// of further tags go to "_other".
+const MaxSiteTags = 10_000
+
+// fit empties the site's aggregates when the rule window changed. Call with
+// st.mu held.
+func (st *siteState) fit(cfg *resolved) {
+	if width := max(cfg.window/windowSlots, time.Millisecond); st.window.width != width {
+		st.window.reset(width)
+	}
+}
+
+// count counts a pulse once: its totals and its rule aggregates. It
+// reports false for a pulse already counted. Call with st.mu held.
+func (st *siteState) count(p *Pulse, cfg *resolved, now time.Time) bool {
+	d := st.seen[p.InstanceID]
+	if d == nil {
+		d = &seen{}
+		st.seen[p.InstanceID] = d
+	}
+	if !d.fresh(p.Seq, p.WindowEndMs) {
+		return false
+	}
+	if st.totals.Tags == nil {
 		st.totals.Tags = map[string]TagCount{}
 	}
-	st.instances[p.InstanceID] = true
 	st.totals.Pulses++
 	st.totals.Usage += p.UsageDelta
 	st.totals.Bounced += p.BouncedDelta
@@ -436,454 +585,113 @@ func (s *Server) count(p *Pulse) {
 		prev := st.totals.Tags[tag]
 		st.totals.Tags[tag] = TagCount{Usage: prev.Usage + c.Usage, Bounced: prev.Bounced + c.Bounced}
 	}
+	st.fit(cfg)
+	st.window.add(p, now, cfg.watched)
+	return true
 }
 
-// MaxSiteTags is how many distinct tags a site's Totals track; the counts
-// of further tags go to "_other".
-const MaxSiteTags = 10_000
-
-// keep appends v to a log, dropping the oldest entries past limit.
-func keep[T any](log []T, v T, limit int) []T {
-	if limit <= 0 {
+// evaluate steps the site's rules, at most once per slot of the rule window
+// (and at least every 100 ms of pulses), and returns the firings and
+// clearings. Call with st.mu held.
+func (st *siteState) evaluate(cfg *resolved, now time.Time) []Event {
+	if len(cfg.rules) == 0 || now.Sub(st.evaluated) < min(cfg.window/windowSlots, 100*time.Millisecond) {
 		return nil
 	}
-	if len(log) >= limit {
-		log = slices.Delete(log, 0, len(log)-limit+1)
-	}
-	return append(log, v)
-}
-
-// DefaultLogLimit is how many requests and pulses Requests and Pulses keep
-// unless SetLogLimit says otherwise; Totals counts every pulse regardless.
-const DefaultLogLimit = 200_000
-
-// SetLogLimit sets how many requests and pulses Requests and Pulses keep.
-func (s *Server) SetLogLimit(n int) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.logLimit = n
-}
-
-// MaxInFlight returns, for each instance and loop ("<instance> pulse" or
-// "<instance> sync"), the most requests it ever had in flight at once.
-func (s *Server) MaxInFlight() map[string]int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return maps.Clone(s.maxFlight)
-}
-
-// recorder logs every request, its status and duration, and how many
-// requests each client loop has in flight.
-func (s *Server) recorder(next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		at := time.Now()
-		loop := r.Header.Get(wire.HeaderInstance) + " sync"
-		if r.URL.Path == wire.PathPulse {
-			loop = r.Header.Get(wire.HeaderInstance) + " pulse"
+	st.evaluated = now
+	wasFiring := st.anyFiring(cfg)
+	var events []Event
+	scopes := map[string]Metrics{} // by MetricTag, computed once per step
+	for _, r := range cfg.rules {
+		rs := st.firing[r.Name]
+		if rs == nil {
+			rs = &ruleState{}
+			st.firing[r.Name] = rs
 		}
-		s.mu.Lock()
-		s.inflight[loop]++
-		s.maxFlight[loop] = max(s.maxFlight[loop], s.inflight[loop])
-		s.mu.Unlock()
-
-		body, _ := io.ReadAll(io.LimitReader(r.Body, 8<<20))
-		r.Body = io.NopCloser(bytes.NewReader(body))
-		sw := &statusRecorder{ResponseWriter: w, status: http.StatusOK}
-		next.ServeHTTP(sw, r)
-
-		s.mu.Lock()
-		s.inflight[loop]--
-		s.requests = keep(s.requests, Request{Method: r.Method, Path: r.URL.RequestURI(), Header: r.Header.Clone(), Body: body,
-			Status: sw.status, At: at, Duration: time.Since(at)}, s.logLimit)
-		s.mu.Unlock()
-	})
-}
-
-type statusRecorder struct {
-	http.ResponseWriter
-	status int
-}
-
-// WriteHeader records the status and passes it on.
-func (w *statusRecorder) WriteHeader(code int) {
-	w.status = code
-	w.ResponseWriter.WriteHeader(code)
-}
-
-// hang blocks until the client gives up or the server closes.
-func (s *Server) hang(r *http.Request) {
-	select {
-	case <-r.Context().Done():
-	case <-s.quit:
-	}
-}
-
-// preamble applies the faults that come before any processing, and
-// authenticates the request. It returns the key's secret and the faults in
-// force, or false when it has answered.
-func (s *Server) preamble(w http.ResponseWriter, r *http.Request, signed bool, body []byte) (string, Faults, bool) {
-	s.mu.Lock()
-	f := s.faults
-	secret, known := s.keys[r.Header.Get(wire.HeaderKey)]
-	s.mu.Unlock()
-	if f.Delay > 0 {
-		select {
-		case <-time.After(f.Delay):
-		case <-r.Context().Done():
-			return "", f, false
-		case <-s.quit:
-			return "", f, false
+		m, ok := scopes[r.MetricTag]
+		if !ok {
+			m = st.window.metrics(now, cfg.window, r.MetricTag)
+			scopes[r.MetricTag] = m
+		}
+		if changed, v := rs.step(r, m, now); changed {
+			st.bumps++
+			events = append(events, Event{At: now, Rule: r.Name, Fired: rs.firing, Value: v})
 		}
 	}
-	if f.Hang {
-		s.hang(r)
-		return "", f, false
+	for i := range events {
+		events[i].Version = st.version(cfg)
 	}
-	if f.Down {
-		s.fail(w, http.StatusServiceUnavailable, f.RetryAfter)
-		return "", f, false
+	if !wasFiring && st.normal == 0 && st.anyFiring(cfg) {
+		st.normal = st.window.meanWindow(now)
 	}
-	if !known {
-		s.fail(w, http.StatusUnauthorized, 0)
-		return "", f, false
-	}
-	if signed && !verifyRequest(secret, r, body) {
-		s.fail(w, http.StatusUnauthorized, 0)
-		return "", f, false
-	}
-	return secret, f, true
+	return events
 }
 
-func verifyRequest(secret string, r *http.Request, body []byte) bool {
-	ts := r.Header.Get(wire.HeaderTimestamp)
-	sec, err := strconv.ParseInt(ts, 10, 64)
-	if err != nil {
-		return false
+// anyFiring reports whether one of the site's rules is fired.
+func (st *siteState) anyFiring(cfg *resolved) bool {
+	for _, r := range cfg.rules {
+		if rs := st.firing[r.Name]; rs != nil && rs.firing {
+			return true
+		}
 	}
-	if skew := time.Now().Unix() - sec; skew > wire.MaxClockSkewSeconds || skew < -wire.MaxClockSkewSeconds {
-		return false
-	}
-	canonical := wire.RequestCanonical(r.Method, r.URL.RequestURI(), ts, r.Header.Get(wire.HeaderNonce), identity(r), body)
-	return wire.Verify(secret, canonical, r.Header.Get(wire.HeaderSignature))
+	return false
 }
 
-// identity is who a request says it is, as its signature binds it.
-func identity(r *http.Request) wire.Identity {
-	return wire.Identity{
-		PublishKey: r.Header.Get(wire.HeaderKey),
-		InstanceID: r.Header.Get(wire.HeaderInstance),
-		SiteID:     r.Header.Get(wire.HeaderSite),
+// pulseInterval is the pulseIntervalMs of the site's answers: the incident
+// interval while a rule is fired, else the normal one (0: none). Call with
+// st.mu held.
+func (st *siteState) pulseInterval(cfg *resolved) time.Duration {
+	normal := cfg.pulseEvery
+	if normal == 0 {
+		normal = st.normal // the clients' own, seen when an incident began
 	}
+	if !st.anyFiring(cfg) {
+		return normal
+	}
+	if cfg.incident > 0 {
+		return cfg.incident
+	}
+	if normal == 0 {
+		return 0
+	}
+	return min(normal, max(normal/4, minIncidentInterval))
 }
 
-func (s *Server) fail(w http.ResponseWriter, status int, retryAfter time.Duration) {
-	if retryAfter > 0 && (status == http.StatusServiceUnavailable || status == http.StatusTooManyRequests) {
-		w.Header().Set("Retry-After", strconv.Itoa(int(math.Ceil(retryAfter.Seconds()))))
+// minIncidentInterval is the shortest incident interval the default picks.
+const minIncidentInterval = 250 * time.Millisecond
+
+// version is the version of the policy the site is served.
+func (st *siteState) version(cfg *resolved) int64 {
+	if cfg.base == nil {
+		return 0
 	}
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(status)
-	fmt.Fprintf(w, `{"error":%q}`, http.StatusText(status))
+	return cfg.base.Version + st.bumps
 }
 
-// answer sends a signed 2xx answer, bent by the response faults.
-func (s *Server) answer(w http.ResponseWriter, r *http.Request, secret string, f Faults, body []byte) {
-	path := r.URL.RequestURI()
+// effective is the base policy with the site's firing rules applied. Call
+// with st.mu held.
+func (st *siteState) effective(cfg *resolved) Policy {
+	p := overlay(*cfg.base, cfg.rules, st.firing)
+	p.Version = st.version(cfg)
+	return p
+}
+
+// policy returns the policy JSON the site is served and its version (-1
+// for a raw policy), built once per policy; ok is false when there is
+// none. Call with st.mu held.
+func (st *siteState) policy(cfg *resolved) (json.RawMessage, int64, bool) {
 	switch {
-	case f.Garbage:
-		body = []byte("<html>not json</html>")
-	case f.Oversize:
-		body = append(bytes.Repeat([]byte(" "), 1<<20), body...)
-	}
-	id := identity(r)
-	if f.OtherIdentity {
-		id.InstanceID, id.SiteID = id.InstanceID+"-other", id.SiteID+"-other"
-	}
-	sig := wire.Sign(secret, wire.ResponseCanonical(path, r.Header.Get(wire.HeaderNonce), id, body))
-	s.mu.Lock()
-	if f.Replay {
-		if prev, ok := s.lastReply[path]; ok {
-			body, sig = prev.body, prev.sig
-		} else {
-			// Nothing to replay yet: an answer bound to another request.
-			sig = wire.Sign(secret, wire.ResponseCanonical(path, wire.RandomHex(), id, body))
-		}
-	} else {
-		s.lastReply[path] = reply{body: body, sig: sig}
-	}
-	s.mu.Unlock()
-	switch {
-	case f.ForgeSig:
-		sig = wire.Sign(secret+"forged", wire.ResponseCanonical(path, r.Header.Get(wire.HeaderNonce), id, body))
-	case f.NoSig:
-		sig = ""
-	}
-	if sig != "" {
-		w.Header().Set(wire.HeaderSignature, sig)
-	}
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(http.StatusOK)
-	_, _ = w.Write(body)
-}
-
-func (s *Server) handleToken(w http.ResponseWriter, r *http.Request) {
-	body, _ := io.ReadAll(r.Body)
-	secret, f, ok := s.preamble(w, r, true, body)
-	if !ok {
-		return
-	}
-	if f.TokenStatus != 0 {
-		s.fail(w, f.TokenStatus, f.RetryAfter)
-		return
-	}
-	var req struct {
-		InstanceID string `json:"instanceId"`
-		SiteID     string `json:"siteId"`
-	}
-	if err := json.Unmarshal(body, &req); err != nil || req.InstanceID == "" || req.SiteID != r.Header.Get(wire.HeaderSite) {
-		s.fail(w, http.StatusBadRequest, 0)
-		return
-	}
-	s.mu.Lock()
-	ttl := s.tokenTTL
-	s.mu.Unlock()
-	tok := s.issue(secret, r.Header.Get(wire.HeaderKey), req.SiteID, ttl, f.BadToken)
-	s.mu.Lock()
-	if f.BadToken == TokenOK {
-		s.tokens[tok] = true
-	}
-	s.mu.Unlock()
-	out, _ := json.Marshal(map[string]any{"token": tok, "expiresIn": int64(ttl / time.Second)})
-	s.answer(w, r, secret, f, out)
-}
-
-// issue makes a token, good or bad as fault says.
-func (s *Server) issue(secret, sub, site string, ttl time.Duration, fault TokenFault) string {
-	now := time.Now()
-	claims := jwt.MapClaims{
-		"iss": wire.Issuer,
-		"sub": sub,
-		"iat": now.Unix(),
-		"exp": now.Add(ttl).Unix(),
-		"jti": wire.RandomHex(),
-	}
-	if site != "" {
-		claims["site"] = site
-	}
-	method, key := jwt.SigningMethod(jwt.SigningMethodHS256), any([]byte(secret))
-	switch fault {
-	case TokenWrongKey:
-		key = []byte(secret + "-not")
-	case TokenAlgNone:
-		method, key = jwt.SigningMethodNone, jwt.UnsafeAllowNoneSignatureType
-	case TokenHS512:
-		method = jwt.SigningMethodHS512
-	case TokenExpired:
-		claims["iat"] = now.Add(-time.Hour).Unix()
-		claims["exp"] = now.Add(-2 * time.Minute).Unix()
-	case TokenNoExpiry:
-		delete(claims, "exp")
-	case TokenWrongSubject:
-		claims["sub"] = sub + "-other"
-	case TokenWrongIssuer:
-		claims["iss"] = "someone-else"
-	case TokenWrongSite:
-		claims["site"] = site + "-other"
-	case TokenGarbage:
-		return "not-a-jwt"
-	}
-	tok, err := jwt.NewWithClaims(method, claims).SignedString(key)
-	if err != nil {
-		panic(err)
-	}
-	return tok
-}
-
-// validToken checks a bearer token as strictly as the SDK does, and that it
-// was issued here and not revoked.
-func (s *Server) validToken(secret, key, site, bearer string) bool {
-	s.mu.Lock()
-	issued := s.tokens[bearer]
-	s.mu.Unlock()
-	if !issued {
-		return false
-	}
-	claims := jwt.MapClaims{}
-	_, err := jwt.NewParser(
-		jwt.WithValidMethods([]string{"HS256"}),
-		jwt.WithIssuer(wire.Issuer),
-		jwt.WithSubject(key),
-		jwt.WithExpirationRequired(),
-	).ParseWithClaims(bearer, claims, func(*jwt.Token) (any, error) { return []byte(secret), nil })
-	if err != nil {
-		return false
-	}
-	got, _ := claims["site"].(string)
-	return got == site
-}
-
-// policyFor returns the policy JSON served to site and its version (-1 for
-// a raw policy); ok is false when there is none.
-func (s *Server) policyFor(site string) (json.RawMessage, int64, bool) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.policyLocked(site)
-}
-
-// Policy returns the policy served to site now, rules applied; ok is false
-// when there is none or it was set as raw JSON.
-func (s *Server) Policy(site string) (Policy, bool) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	p, ok := s.effective(site)
-	return p, ok
-}
-
-func (s *Server) policyLocked(site string) (json.RawMessage, int64, bool) {
-	if raw := s.rawFor(site); raw != nil {
-		return raw, -1, true
-	}
-	p, ok := s.effective(site)
-	if !ok {
+	case cfg.raw != nil:
+		return cfg.raw, -1, true
+	case cfg.base == nil:
 		return nil, 0, false
 	}
-	raw, err := json.Marshal(p)
-	if err != nil {
-		panic(err)
+	c := &st.cached
+	if !c.ok || c.gen != cfg.gen || c.bumps != st.bumps {
+		raw, err := json.Marshal(st.effective(cfg))
+		if err != nil {
+			panic(err) // a base policy is validated before it is set
+		}
+		c.gen, c.bumps, c.json, c.version, c.ok = cfg.gen, st.bumps, raw, st.version(cfg), true
 	}
-	return raw, p.Version, true
-}
-
-// rawFor returns the raw policy that applies to site, if any.
-func (s *Server) rawFor(site string) json.RawMessage {
-	st, def := s.sites[site], s.sites[""]
-	switch {
-	case st != nil && st.raw != nil:
-		return st.raw
-	case st != nil && st.base != nil:
-		return nil
-	case def != nil:
-		return def.raw
-	}
-	return nil
-}
-
-// effective is the site's base policy with its firing rules applied.
-func (s *Server) effective(site string) (Policy, bool) {
-	st, def := s.sites[site], s.sites[""]
-	var base *Policy
-	switch {
-	case st != nil && st.base != nil:
-		base = st.base
-	case def != nil:
-		base = def.base
-	}
-	if base == nil {
-		return Policy{}, false
-	}
-	if st == nil {
-		return overlay(*base, nil, nil), true
-	}
-	p := overlay(*base, s.rulesOf(st), st.firing)
-	p.Version = base.Version + st.bumps
-	return p, true
-}
-
-// leaseBody encodes an answer carrying policy (nil: null). The policy is
-// written as it is, so that a policy set with SetPolicyJSON reaches the
-// client even when it is not JSON.
-func (s *Server) leaseBody(policy json.RawMessage, f Faults) []byte {
-	s.mu.Lock()
-	ttl, pulse, sync := s.leaseTTL, s.pulseEvery, s.syncEvery
-	s.mu.Unlock()
-	if policy == nil {
-		policy = json.RawMessage("null")
-	}
-	var b bytes.Buffer
-	b.WriteString(`{"policy":`)
-	b.Write(policy)
-	if ttl > 0 {
-		fmt.Fprintf(&b, `,"leaseTtlMs":%d`, ttl.Milliseconds())
-	}
-	if pulse > 0 {
-		fmt.Fprintf(&b, `,"pulseIntervalMs":%d`, pulse.Milliseconds())
-	}
-	if sync > 0 {
-		fmt.Fprintf(&b, `,"syncIntervalMs":%d`, sync.Milliseconds())
-	}
-	if f.AnswerFields != "" {
-		b.WriteString(",")
-		b.WriteString(f.AnswerFields)
-	}
-	b.WriteString("}")
-	return b.Bytes()
-}
-
-func (s *Server) handlePolicy(w http.ResponseWriter, r *http.Request) {
-	secret, f, ok := s.preamble(w, r, false, nil)
-	if !ok {
-		return
-	}
-	if f.PolicyStatus != 0 {
-		s.fail(w, f.PolicyStatus, f.RetryAfter)
-		return
-	}
-	bearer, _ := bytes.CutPrefix([]byte(r.Header.Get("Authorization")), []byte("Bearer "))
-	site := r.Header.Get(wire.HeaderSite)
-	if !s.validToken(secret, r.Header.Get(wire.HeaderKey), site, string(bearer)) {
-		s.fail(w, http.StatusUnauthorized, 0)
-		return
-	}
-	raw, _, ok := s.policyFor(site)
-	if !ok {
-		s.fail(w, http.StatusNotFound, 0)
-		return
-	}
-	if f.NullPolicy {
-		raw = nil
-	}
-	s.answer(w, r, secret, f, s.leaseBody(raw, f))
-}
-
-func (s *Server) handlePulse(w http.ResponseWriter, r *http.Request) {
-	body, _ := io.ReadAll(r.Body)
-	secret, f, ok := s.preamble(w, r, true, body)
-	if !ok {
-		return
-	}
-	if f.PulseStatus != 0 {
-		s.fail(w, f.PulseStatus, f.RetryAfter)
-		return
-	}
-	var p Pulse
-	if err := json.Unmarshal(body, &p); err != nil || p.Seq == 0 || p.InstanceID != r.Header.Get(wire.HeaderInstance) {
-		s.fail(w, http.StatusBadRequest, 0)
-		return
-	}
-	p.Raw = body
-	p.Site = r.Header.Get(wire.HeaderSite)
-	if p.SiteID != p.Site {
-		s.fail(w, http.StatusBadRequest, 0)
-		return
-	}
-	key := instanceSeq{p.InstanceID, p.Seq}
-	s.mu.Lock()
-	if !s.counted[key] {
-		s.counted[key] = true
-		s.pulses = keep(s.pulses, p, s.logLimit)
-		s.count(&p)
-		s.evaluate(p.Site, &p, time.Now())
-	}
-	s.mu.Unlock()
-	if f.CountThenHang {
-		s.hang(r)
-		return
-	}
-	var policy json.RawMessage
-	if raw, version, ok := s.policyFor(p.Site); ok && version != p.PolicyVersion {
-		policy = raw
-	}
-	if f.NullPolicy {
-		policy = nil
-	}
-	s.answer(w, r, secret, f, s.leaseBody(policy, f))
+	return c.json, c.version, true
 }

@@ -7,7 +7,6 @@ import (
 	"maps"
 	"math"
 	"slices"
-	"strconv"
 	"strings"
 	"time"
 
@@ -169,7 +168,9 @@ func ParseRules(data []byte) (map[string][]Rule, error) {
 
 // Event is a rule firing or clearing.
 type Event struct {
+	Seq     uint64 // 1 for the first event, counting those dropped from the log
 	At      time.Time
+	Key     string // the publish key whose site it is
 	Site    string
 	Rule    string
 	Fired   bool    // false: cleared
@@ -191,118 +192,10 @@ type Metrics struct {
 	Custom       map[string]MetricAgg // custom metrics, added up over the window
 }
 
-// sample is what the rules keep of one pulse.
-type sample struct {
-	at       time.Time
-	instance string
-	calls    uint64 // usage + bounced
-	health   *Health
-	tags     map[string]TagCount  // per tag: counts, health, metrics
-	metrics  map[string]MetricAgg // site-wide custom metrics
-}
-
 // ruleState is one rule's state in one site.
 type ruleState struct {
 	firing    bool
 	goodSince time.Time // while firing: when the metric went good; zero while bad
-}
-
-// metrics computes a site's figures over samples taken within window.
-func metrics(samples []sample, window time.Duration) Metrics {
-	return scopeMetrics(samples, window, "")
-}
-
-// scopeMetrics computes the figures of tag's traffic ("" is the whole site)
-// over samples taken within window.
-func scopeMetrics(samples []sample, window time.Duration, tag string) Metrics {
-	m := Metrics{ErrorRate: math.NaN(), LatencyP50Ms: math.NaN(), LatencyP95Ms: math.NaN(), LatencyP99Ms: math.NaN(),
-		Custom: map[string]MetricAgg{}}
-	instances := map[string]bool{}
-	var calls, errs uint64
-	var withHealth []*Health
-	for _, s := range samples {
-		m.Pulses++
-		instances[s.instance] = true
-		h, custom := s.health, s.metrics
-		if tag == "" {
-			calls += s.calls
-		} else {
-			tc := s.tags[tag]
-			calls += tc.Usage + tc.Bounced
-			h, custom = tc.Health, tc.Metrics
-		}
-		if h != nil && h.Requests > 0 {
-			m.Requests += h.Requests
-			errs += h.Errors
-			withHealth = append(withHealth, h)
-		}
-		for name, agg := range custom {
-			if agg.Count == 0 {
-				continue
-			}
-			sum, ok := m.Custom[name]
-			if !ok {
-				sum = MetricAgg{Min: math.Inf(1), Max: math.Inf(-1)}
-			}
-			m.Custom[name] = MetricAgg{Count: sum.Count + agg.Count, Sum: sum.Sum + agg.Sum, Min: min(sum.Min, agg.Min), Max: max(sum.Max, agg.Max)}
-		}
-	}
-	m.Instances = len(instances)
-	m.RPS = float64(calls) / window.Seconds()
-	if m.Requests > 0 {
-		m.ErrorRate = float64(errs) / float64(m.Requests)
-		if merged, ok := mergeHistograms(withHealth); ok {
-			m.LatencyP50Ms, m.LatencyP95Ms, m.LatencyP99Ms = merged.quantile(0.50), merged.quantile(0.95), merged.quantile(0.99)
-		} else {
-			m.LatencyP50Ms = fleetQuantile(withHealth, 0.50)
-			m.LatencyP95Ms = fleetQuantile(withHealth, 0.95)
-			m.LatencyP99Ms = fleetQuantile(withHealth, 0.99)
-		}
-	}
-	return m
-}
-
-// mergedHistogram is the latency histogram of many pulses, in the wire
-// scheme: bucket index → count, the same as the histogram of the pooled
-// requests.
-type mergedHistogram struct {
-	counts map[int]uint64
-	n      uint64
-}
-
-// mergeHistograms adds up the pulses' histograms. ok is false when a pulse
-// has none or one of another scheme, or one that does not parse: the fleet
-// figure then falls back to fleetQuantile.
-func mergeHistograms(hs []*Health) (mergedHistogram, bool) {
-	m := mergedHistogram{counts: map[int]uint64{}}
-	for _, h := range hs {
-		if h.Histogram == nil || h.Histogram.Scheme != wire.HistogramScheme {
-			return mergedHistogram{}, false
-		}
-		for key, c := range h.Histogram.Counts {
-			i, err := strconv.Atoi(key)
-			if err != nil || i < 0 || i >= wire.HistBuckets {
-				return mergedHistogram{}, false
-			}
-			m.counts[i] += c
-			m.n += c
-		}
-	}
-	return m, m.n > 0
-}
-
-// quantile reads the q-quantile off the merged histogram, in ms: the
-// midpoint of the bucket that holds the ⌈q·n⌉-th request, within 6.25 % of
-// the pooled requests' own quantile.
-func (m mergedHistogram) quantile(q float64) float64 {
-	rank := uint64(math.Ceil(q * float64(m.n)))
-	var seen uint64
-	for _, i := range slices.Sorted(maps.Keys(m.counts)) {
-		if seen += m.counts[i]; seen >= rank {
-			return wire.HistMid(i) / 1000
-		}
-	}
-	return math.NaN() // unreachable: rank <= n
 }
 
 // fleetQuantile combines the latency quantiles of several pulses into one

@@ -155,25 +155,24 @@ func TestFleetQuantilesFromHistograms(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			r := rand.New(rand.NewPCG(1, 2))
 			var pooled []uint64
-			var samples []sample
+			var pulses []*Pulse
+			var hs []*Health
 			for i := range 10 {
 				us := logNormal(r, f.fastRequests, 10_000, 0.6) // median 10 ms
 				if i == 9 {
 					us = logNormal(r, f.slowRequests, 250_000, 0.8) // median 250 ms
 				}
 				pooled = append(pooled, us...)
-				samples = append(samples, sample{instance: fmt.Sprint(i), health: instanceHealth(us)})
+				h := instanceHealth(us)
+				hs = append(hs, h)
+				pulses = append(pulses, &Pulse{PulseBody: wire.PulseBody{InstanceID: fmt.Sprint(i), Health: h}})
 			}
 			slices.Sort(pooled)
 			want := func(q float64) float64 { return float64(pooled[int(math.Ceil(q*float64(len(pooled))))-1]) / 1000 }
-			m := metrics(samples, time.Second)
+			m := windowOf(pulses).metrics(testNow, time.Second, "")
 			assert.InEpsilon(t, want(0.95), m.LatencyP95Ms, 0.0625, "p95")
 			assert.InEpsilon(t, want(0.99), m.LatencyP99Ms, 0.0625, "p99")
 
-			var hs []*Health
-			for _, s := range samples {
-				hs = append(hs, s.health)
-			}
 			old := fleetQuantile(hs, 0.95)
 			t.Logf("pooled p95 %.1f ms; from merged histograms %.1f ms (%+.1f %%); from instance quantiles %.1f ms (%+.1f %%)",
 				want(0.95), m.LatencyP95Ms, 100*(m.LatencyP95Ms/want(0.95)-1), old, 100*(old/want(0.95)-1))
@@ -213,15 +212,15 @@ func TestRulesSchema(t *testing.T) {
 }
 
 func TestRuleOperatorsAndScopes(t *testing.T) {
-	samples := []sample{{instance: "a", calls: 10, health: instanceHealth([]uint64{10_000}),
-		tags: map[string]TagCount{
+	w := windowOf([]*Pulse{{PulseBody: wire.PulseBody{InstanceID: "a", UsageDelta: 10, Health: instanceHealth([]uint64{10_000}),
+		Tags: map[string]TagCount{
 			"enterprise": {Usage: 4, Health: instanceHealth([]uint64{400_000, 400_000})},
 			"batch":      {Usage: 6, Metrics: map[string]MetricAgg{"queue_depth": {Count: 2, Sum: 30, Min: 10, Max: 20}}},
 		},
-		metrics: map[string]MetricAgg{"pool_wait_ms": {Count: 1, Sum: 7, Min: 7, Max: 7}}}}
-	site := scopeMetrics(samples, time.Second, "")
-	ent := scopeMetrics(samples, time.Second, "enterprise")
-	batch := scopeMetrics(samples, time.Second, "batch")
+		Metrics: map[string]MetricAgg{"pool_wait_ms": {Count: 1, Sum: 7, Min: 7, Max: 7}}}}}, "enterprise", "batch")
+	site := w.metrics(testNow, time.Second, "")
+	ent := w.metrics(testNow, time.Second, "enterprise")
+	batch := w.metrics(testNow, time.Second, "batch")
 	assert.InEpsilon(t, 10, site.LatencyP95Ms, 0.0625)
 	assert.InEpsilon(t, 400, ent.LatencyP95Ms, 0.0625, "a tag's own health")
 	assert.Equal(t, 4.0, ent.RPS, "a tag's own calls")
@@ -276,4 +275,18 @@ func TestOverlayActions(t *testing.T) {
 	assert.Equal(t, 30.0, p.TagShedPercents["misc"], "a tag rule never loosens a global one")
 	assert.True(t, math.IsInf(p.TagMaxWeights["enterprise"], 1), "a base entry replaces the global limit")
 	assert.Nil(t, base.TagShedPercents, "the base is not modified")
+}
+
+// testNow is when windowOf adds its pulses.
+var testNow = time.Unix(1_764_230_400, 0)
+
+// windowOf is a one-second rule window holding pulses, all arrived at
+// testNow, with the watched tags aggregated.
+func windowOf(pulses []*Pulse, watched ...string) *aggWindow {
+	var w aggWindow
+	w.reset(time.Second / windowSlots)
+	for _, p := range pulses {
+		w.add(p, testNow, watched)
+	}
+	return &w
 }

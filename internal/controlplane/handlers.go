@@ -1,0 +1,440 @@
+package controlplane
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/golang-jwt/jwt/v5"
+
+	"github.com/waitstate/waitstate-go/internal/wire"
+)
+
+// recorder logs every request, its status and duration, and how many
+// requests each loop of a known key's client has in flight. It reads no
+// body: it logs what the handler read.
+func (s *Server) recorder(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		at := time.Now()
+		loop := r.Header.Get(wire.HeaderInstance) + " sync"
+		if r.URL.Path == wire.PathPulse {
+			loop = r.Header.Get(wire.HeaderInstance) + " pulse"
+		}
+		s.mu.Lock()
+		_, known := s.keys[r.Header.Get(wire.HeaderKey)]
+		if known {
+			s.inflight[loop]++
+			s.maxFlight[loop] = max(s.maxFlight[loop], s.inflight[loop])
+		}
+		s.mu.Unlock()
+
+		body := &capture{ReadCloser: r.Body}
+		r.Body = body
+		sw := &statusRecorder{ResponseWriter: w, status: http.StatusOK}
+		next.ServeHTTP(sw, r)
+
+		if known {
+			s.mu.Lock()
+			if s.inflight[loop]--; s.inflight[loop] <= 0 {
+				delete(s.inflight, loop)
+			}
+			s.mu.Unlock()
+		}
+		req := Request{Method: r.Method, Path: r.URL.RequestURI(), Header: r.Header.Clone(), Body: body.buf.Bytes(),
+			Status: sw.status, At: at, Duration: time.Since(at)}
+		cost := 256 + len(req.Path) + len(req.Body)
+		for k, vs := range req.Header {
+			for _, v := range vs {
+				cost += len(k) + len(v)
+			}
+		}
+		s.logMu.Lock()
+		s.requests.add(req, cost, s.logLimit, s.logBytes)
+		s.logMu.Unlock()
+	})
+}
+
+// capture keeps what is read of a request body, for the log.
+type capture struct {
+	io.ReadCloser
+	buf bytes.Buffer
+}
+
+func (c *capture) Read(p []byte) (int, error) {
+	n, err := c.ReadCloser.Read(p)
+	c.buf.Write(p[:n])
+	return n, err
+}
+
+type statusRecorder struct {
+	http.ResponseWriter
+	status int
+}
+
+// WriteHeader records the status and passes it on.
+func (w *statusRecorder) WriteHeader(code int) {
+	w.status = code
+	w.ResponseWriter.WriteHeader(code)
+}
+
+// hang blocks until the client gives up or the server closes.
+func (s *Server) hang(r *http.Request) {
+	select {
+	case <-r.Context().Done():
+	case <-s.quit:
+	}
+}
+
+// preamble authenticates a request and applies the faults that come
+// before any processing. The key is checked first; the body of a signed
+// request is read only then, at most wire.MaxBody of it, and before any
+// delay or hang (a server notices a client that gave up only once it has
+// read the body); then its signature and, for a token request, its nonce.
+// It returns the key's secret, the faults in force and the body, or false
+// when it has answered.
+func (s *Server) preamble(w http.ResponseWriter, r *http.Request, signed bool) (string, Faults, []byte, bool) {
+	s.mu.Lock()
+	f := s.faults
+	key := r.Header.Get(wire.HeaderKey)
+	secret, known := s.keys[key]
+	s.mu.Unlock()
+	if !known {
+		s.fail(w, http.StatusUnauthorized, 0)
+		return "", f, nil, false
+	}
+	var body []byte
+	if signed {
+		if r.ContentLength > wire.MaxBody {
+			s.fail(w, http.StatusRequestEntityTooLarge, 0)
+			return "", f, nil, false
+		}
+		var err error
+		if body, err = io.ReadAll(http.MaxBytesReader(w, r.Body, wire.MaxBody)); err != nil {
+			status := http.StatusBadRequest
+			var tooLarge *http.MaxBytesError
+			if errors.As(err, &tooLarge) {
+				status = http.StatusRequestEntityTooLarge
+			}
+			s.fail(w, status, 0)
+			return "", f, nil, false
+		}
+	}
+	if f.Delay > 0 {
+		select {
+		case <-time.After(f.Delay):
+		case <-r.Context().Done():
+			return "", f, nil, false
+		case <-s.quit:
+			return "", f, nil, false
+		}
+	}
+	if f.Hang {
+		s.hang(r)
+		return "", f, nil, false
+	}
+	if f.Down {
+		s.fail(w, http.StatusServiceUnavailable, f.RetryAfter)
+		return "", f, nil, false
+	}
+	if !signed {
+		return secret, f, nil, true
+	}
+	ts, ok := verifyRequest(secret, r, body)
+	if ok && r.URL.Path == wire.PathToken {
+		// A replayed token request would mint a token; a replayed pulse
+		// is acknowledged and not counted again, by its seq.
+		ok = s.nonces.fresh(key, r.Header.Get(wire.HeaderNonce), ts, time.Now().Unix())
+	}
+	if !ok {
+		s.fail(w, http.StatusUnauthorized, 0)
+		return "", f, nil, false
+	}
+	return secret, f, body, true
+}
+
+// verifyRequest checks a signed request's timestamp and signature, and
+// returns its timestamp.
+func verifyRequest(secret string, r *http.Request, body []byte) (int64, bool) {
+	ts := r.Header.Get(wire.HeaderTimestamp)
+	sec, err := strconv.ParseInt(ts, 10, 64)
+	if err != nil {
+		return 0, false
+	}
+	if skew := time.Now().Unix() - sec; skew > wire.MaxClockSkewSeconds || skew < -wire.MaxClockSkewSeconds {
+		return 0, false
+	}
+	canonical := wire.RequestCanonical(r.Method, r.URL.RequestURI(), ts, r.Header.Get(wire.HeaderNonce), identity(r), body)
+	return sec, wire.Verify(secret, canonical, r.Header.Get(wire.HeaderSignature))
+}
+
+// identity is who a request says it is, as its signature binds it.
+func identity(r *http.Request) wire.Identity {
+	return wire.Identity{
+		PublishKey: r.Header.Get(wire.HeaderKey),
+		InstanceID: r.Header.Get(wire.HeaderInstance),
+		SiteID:     r.Header.Get(wire.HeaderSite),
+	}
+}
+
+func (s *Server) fail(w http.ResponseWriter, status int, retryAfter time.Duration) {
+	if retryAfter > 0 && (status == http.StatusServiceUnavailable || status == http.StatusTooManyRequests) {
+		w.Header().Set("Retry-After", strconv.Itoa(int(math.Ceil(retryAfter.Seconds()))))
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	fmt.Fprintf(w, `{"error":%q}`, http.StatusText(status))
+}
+
+// answer sends a signed 2xx answer, bent by the response faults.
+func (s *Server) answer(w http.ResponseWriter, r *http.Request, secret string, f Faults, body []byte) {
+	path := r.URL.RequestURI()
+	switch {
+	case f.Garbage:
+		body = []byte("<html>not json</html>")
+	case f.Oversize:
+		body = append(bytes.Repeat([]byte(" "), 1<<20), body...)
+	}
+	id := identity(r)
+	if f.OtherIdentity {
+		id.InstanceID, id.SiteID = id.InstanceID+"-other", id.SiteID+"-other"
+	}
+	sig := wire.Sign(secret, wire.ResponseCanonical(path, r.Header.Get(wire.HeaderNonce), id, body))
+	if f.Replay {
+		s.mu.Lock()
+		prev, ok := s.lastReply[r.URL.Path]
+		s.mu.Unlock()
+		if ok {
+			body, sig = prev.body, prev.sig
+		} else {
+			// Nothing to replay yet: an answer bound to another request.
+			sig = wire.Sign(secret, wire.ResponseCanonical(path, wire.RandomHex(), id, body))
+		}
+	} else if r.URL.Path == wire.PathToken || r.URL.Path == wire.PathPolicy || r.URL.Path == wire.PathPulse {
+		s.mu.Lock()
+		s.lastReply[r.URL.Path] = reply{body: body, sig: sig}
+		s.mu.Unlock()
+	}
+	switch {
+	case f.ForgeSig:
+		sig = wire.Sign(secret+"forged", wire.ResponseCanonical(path, r.Header.Get(wire.HeaderNonce), id, body))
+	case f.NoSig:
+		sig = ""
+	}
+	if sig != "" {
+		w.Header().Set(wire.HeaderSignature, sig)
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(http.StatusOK)
+	_, _ = w.Write(body)
+}
+
+func (s *Server) handleToken(w http.ResponseWriter, r *http.Request) {
+	secret, f, body, ok := s.preamble(w, r, true)
+	if !ok {
+		return
+	}
+	if f.TokenStatus != 0 {
+		s.fail(w, f.TokenStatus, f.RetryAfter)
+		return
+	}
+	var req struct {
+		InstanceID string `json:"instanceId"`
+		SiteID     string `json:"siteId"`
+	}
+	if err := json.Unmarshal(body, &req); err != nil || req.InstanceID == "" || req.SiteID != r.Header.Get(wire.HeaderSite) {
+		s.fail(w, http.StatusBadRequest, 0)
+		return
+	}
+	s.mu.Lock()
+	ttl, gen := s.tokenTTL, s.tokenGen
+	s.mu.Unlock()
+	tok := issue(secret, r.Header.Get(wire.HeaderKey), req.SiteID, ttl, gen, f.BadToken)
+	out, _ := json.Marshal(map[string]any{"token": tok, "expiresIn": int64(ttl / time.Second)})
+	s.answer(w, r, secret, f, out)
+}
+
+// issue makes a token, good or bad as fault says. Its "gen" claim is the
+// revocation generation it was issued in: the control plane keeps no list
+// of the tokens it issued.
+func issue(secret, sub, site string, ttl time.Duration, gen int64, fault TokenFault) string {
+	now := time.Now()
+	claims := jwt.MapClaims{
+		"iss": wire.Issuer,
+		"sub": sub,
+		"iat": now.Unix(),
+		"exp": now.Add(ttl).Unix(),
+		"jti": wire.RandomHex(),
+		"gen": gen,
+	}
+	if site != "" {
+		claims["site"] = site
+	}
+	method, key := jwt.SigningMethod(jwt.SigningMethodHS256), any([]byte(secret))
+	switch fault {
+	case TokenWrongKey:
+		key = []byte(secret + "-not")
+	case TokenAlgNone:
+		method, key = jwt.SigningMethodNone, jwt.UnsafeAllowNoneSignatureType
+	case TokenHS512:
+		method = jwt.SigningMethodHS512
+	case TokenExpired:
+		claims["iat"] = now.Add(-time.Hour).Unix()
+		claims["exp"] = now.Add(-2 * time.Minute).Unix()
+	case TokenNoExpiry:
+		delete(claims, "exp")
+	case TokenWrongSubject:
+		claims["sub"] = sub + "-other"
+	case TokenWrongIssuer:
+		claims["iss"] = "someone-else"
+	case TokenWrongSite:
+		claims["site"] = site + "-other"
+	case TokenGarbage:
+		return "not-a-jwt"
+	}
+	tok, err := jwt.NewWithClaims(method, claims).SignedString(key)
+	if err != nil {
+		panic(err)
+	}
+	return tok
+}
+
+// validToken checks a bearer token as strictly as the SDK does, and that it
+// is of the current revocation generation.
+func (s *Server) validToken(secret, key, site, bearer string) bool {
+	s.mu.Lock()
+	gen := s.tokenGen
+	s.mu.Unlock()
+	claims := jwt.MapClaims{}
+	_, err := jwt.NewParser(
+		jwt.WithValidMethods([]string{"HS256"}),
+		jwt.WithIssuer(wire.Issuer),
+		jwt.WithSubject(key),
+		jwt.WithExpirationRequired(),
+	).ParseWithClaims(bearer, claims, func(*jwt.Token) (any, error) { return []byte(secret), nil })
+	if err != nil {
+		return false
+	}
+	got, _ := claims["site"].(string)
+	g, _ := claims["gen"].(float64)
+	return got == site && g == float64(gen)
+}
+
+// leaseBody encodes an answer carrying policy (nil: null). The policy is
+// written as it is, so that a policy set with SetPolicyJSON reaches the
+// client even when it is not JSON.
+func leaseBody(policy json.RawMessage, cfg *resolved, pulseEvery time.Duration, f Faults) []byte {
+	if policy == nil {
+		policy = json.RawMessage("null")
+	}
+	b := make([]byte, 0, len(policy)+96)
+	b = append(b, `{"policy":`...)
+	b = append(b, policy...)
+	if cfg.leaseTTL > 0 {
+		b = strconv.AppendInt(append(b, `,"leaseTtlMs":`...), cfg.leaseTTL.Milliseconds(), 10)
+	}
+	if pulseEvery > 0 {
+		b = strconv.AppendInt(append(b, `,"pulseIntervalMs":`...), pulseEvery.Milliseconds(), 10)
+	}
+	if cfg.syncEvery > 0 {
+		b = strconv.AppendInt(append(b, `,"syncIntervalMs":`...), cfg.syncEvery.Milliseconds(), 10)
+	}
+	if f.AnswerFields != "" {
+		b = append(append(b, ','), f.AnswerFields...)
+	}
+	return append(b, '}')
+}
+
+func (s *Server) handlePolicy(w http.ResponseWriter, r *http.Request) {
+	secret, f, _, ok := s.preamble(w, r, false)
+	if !ok {
+		return
+	}
+	if f.PolicyStatus != 0 {
+		s.fail(w, f.PolicyStatus, f.RetryAfter)
+		return
+	}
+	bearer, _ := bytes.CutPrefix([]byte(r.Header.Get("Authorization")), []byte("Bearer "))
+	key, site := r.Header.Get(wire.HeaderKey), r.Header.Get(wire.HeaderSite)
+	if !s.validToken(secret, key, site, string(bearer)) {
+		s.fail(w, http.StatusUnauthorized, 0)
+		return
+	}
+	cfg := s.resolve(site)
+	st := s.tenant(key).site(site)
+	st.mu.Lock()
+	raw, _, ok := st.policy(cfg)
+	pulseEvery := st.pulseInterval(cfg)
+	st.mu.Unlock()
+	if !ok {
+		s.fail(w, http.StatusNotFound, 0)
+		return
+	}
+	if f.NullPolicy {
+		raw = nil
+	}
+	s.answer(w, r, secret, f, leaseBody(raw, cfg, pulseEvery, f))
+}
+
+func (s *Server) handlePulse(w http.ResponseWriter, r *http.Request) {
+	secret, f, body, ok := s.preamble(w, r, true)
+	if !ok {
+		return
+	}
+	if f.PulseStatus != 0 {
+		s.fail(w, f.PulseStatus, f.RetryAfter)
+		return
+	}
+	var p Pulse
+	if err := json.Unmarshal(body, &p); err != nil || p.Seq == 0 || p.InstanceID != r.Header.Get(wire.HeaderInstance) {
+		s.fail(w, http.StatusBadRequest, 0)
+		return
+	}
+	p.Raw = body
+	p.Site = r.Header.Get(wire.HeaderSite)
+	if p.SiteID != p.Site {
+		s.fail(w, http.StatusBadRequest, 0)
+		return
+	}
+	key := r.Header.Get(wire.HeaderKey)
+	cfg := s.resolve(p.Site)
+	st := s.tenant(key).site(p.Site)
+	now := time.Now()
+
+	st.mu.Lock()
+	counted := st.count(&p, cfg, now)
+	var events []Event
+	if counted {
+		events = st.evaluate(cfg, now)
+	}
+	raw, version, hasPolicy := st.policy(cfg)
+	pulseEvery := st.pulseInterval(cfg)
+	st.mu.Unlock()
+
+	if counted {
+		s.logMu.Lock()
+		s.pulses.add(p, 256+2*len(p.Raw), s.logLimit, s.logBytes)
+		for _, e := range events {
+			e.Seq, e.Key, e.Site = s.events.seq+1, key, p.Site
+			s.events.add(e, 128+len(e.Rule)+len(e.Key)+len(e.Site), s.logLimit, s.logBytes)
+		}
+		s.logMu.Unlock()
+	}
+	if f.CountThenHang {
+		s.hang(r)
+		return
+	}
+	var policy json.RawMessage
+	if hasPolicy && version != p.PolicyVersion {
+		policy = raw
+	}
+	if f.NullPolicy {
+		policy = nil
+	}
+	s.answer(w, r, secret, f, leaseBody(policy, cfg, pulseEvery, f))
+}

@@ -1,0 +1,477 @@
+package controlplane
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/waitstate/waitstate-go/internal/wire"
+)
+
+// signed builds a request signed as the SDK signs it, for the handler or
+// for a client.
+func signed(method, url, secret string, id wire.Identity, body []byte) *http.Request {
+	req := httptest.NewRequest(method, url, bytes.NewReader(body))
+	if strings.HasPrefix(url, "http") {
+		req, _ = http.NewRequest(method, url, bytes.NewReader(body))
+	}
+	ts, nonce := strconv.FormatInt(time.Now().Unix(), 10), wire.RandomHex()
+	req.Header.Set(wire.HeaderKey, id.PublishKey)
+	req.Header.Set(wire.HeaderInstance, id.InstanceID)
+	if id.SiteID != "" {
+		req.Header.Set(wire.HeaderSite, id.SiteID)
+	}
+	req.Header.Set(wire.HeaderNonce, nonce)
+	req.Header.Set(wire.HeaderTimestamp, ts)
+	req.Header.Set(wire.HeaderSignature, wire.Sign(secret, wire.RequestCanonical(method, req.URL.RequestURI(), ts, nonce, id, body)))
+	return req
+}
+
+// pulseJSON is a pulse body of instance for site.
+func pulseJSON(instance, site string, seq, usage uint64, windowEnd int64) []byte {
+	return fmt.Appendf(nil, `{"instanceId":%q,"siteId":%q,"seq":%d,"windowEndMs":%d,"windowMs":1000,"usageDelta":%d,"tags":{"free":{"usage":%d,"bounced":0}}}`,
+		instance, site, seq, windowEnd, usage, usage)
+}
+
+// serve sends req to s's handler and returns the status.
+func serve(s *Server, req *http.Request) int {
+	rec := httptest.NewRecorder()
+	s.Handler().ServeHTTP(rec, req)
+	return rec.Code
+}
+
+func TestSeenDedupe(t *testing.T) {
+	var d seen
+	for seq := uint64(1); seq <= 100; seq++ {
+		require.True(t, d.fresh(seq, int64(seq)), "seq %d", seq)
+	}
+	for seq := uint64(1); seq <= 100; seq++ {
+		require.False(t, d.fresh(seq, int64(seq)), "a resend of %d", seq)
+	}
+
+	// A gap is filled later, once.
+	assert.True(t, d.fresh(110, 110))
+	assert.True(t, d.fresh(105, 105))
+	assert.False(t, d.fresh(105, 105))
+	assert.False(t, d.fresh(110, 110))
+	assert.True(t, d.fresh(200, 200), "a jump past the span")
+	assert.True(t, d.fresh(150, 150), "within the span")
+	assert.False(t, d.fresh(130, 130), "below the span: taken as seen")
+	assert.False(t, d.fresh(150, 150), "a resend of it, not taken for a restart")
+
+	// A restarted instance that kept its ID starts at 1 with later windows.
+	assert.True(t, d.fresh(1, 1000))
+	assert.True(t, d.fresh(2, 1001))
+	assert.False(t, d.fresh(1, 1000))
+}
+
+// TestDedupeScopedPerKey: a second key that claims the victim's site,
+// instance and seqs changes nothing of the victim's: before, its pulses
+// were counted in the victim's place (10 acknowledged, 1 counted) and its
+// usage fired the victim's rule.
+func TestDedupeScopedPerKey(t *testing.T) {
+	s := NewUnstarted()
+	defer s.Close()
+	s.AddKey("pk_victim", "sk_victim")
+	s.AddKey("pk_other", "sk_other")
+	s.SetRuleWindow(time.Minute)
+	s.SetPolicy("", Policy{Version: 1, GlobalMaxWeight: 10})
+	require.NoError(t, s.SetRules("", Rule{Name: "flood", Metric: MetricRPS, Operator: ">", Threshold: 1_000_000, TagName: "free", Action: ActionBlock}))
+	victim := wire.Identity{PublishKey: "pk_victim", InstanceID: "i1", SiteID: "shop"}
+	other := wire.Identity{PublishKey: "pk_other", InstanceID: "i1", SiteID: "shop"}
+	now := time.Now().UnixMilli()
+	for seq := uint64(1); seq <= 10; seq++ {
+		require.Equal(t, http.StatusOK, serve(s, signed("POST", wire.PathPulse, "sk_other", other, pulseJSON("i1", "shop", seq, 199_000_000, now+int64(seq)))))
+	}
+	for seq := uint64(1); seq <= 10; seq++ {
+		require.Equal(t, http.StatusOK, serve(s, signed("POST", wire.PathPulse, "sk_victim", victim, pulseJSON("i1", "shop", seq, 1, now+int64(seq)))))
+	}
+	got := s.TotalsOf("pk_victim", "shop")
+	assert.Equal(t, 10, got.Pulses, "every one of the victim's pulses counted")
+	assert.Equal(t, uint64(10), got.Usage)
+	assert.Equal(t, uint64(10*199_000_000), s.TotalsOf("pk_other", "shop").Usage)
+	p, ok := s.PolicyOf("pk_victim", "shop")
+	require.True(t, ok)
+	assert.Equal(t, int64(1), p.Version, "the victim's rule did not fire")
+	assert.Nil(t, p.TagShedPercents)
+	p, _ = s.PolicyOf("pk_other", "shop")
+	assert.Equal(t, 100.0, p.TagShedPercents["free"], "the other key's own rule state did")
+	for _, e := range s.Events() {
+		assert.Equal(t, "pk_other", e.Key)
+	}
+}
+
+// TestTokenReplayRefused: a captured token request replayed gives no
+// token; before, 20 replays gave 20 valid tokens.
+func TestTokenReplayRefused(t *testing.T) {
+	s := NewUnstarted()
+	defer s.Close()
+	s.AddKey("pk", "sk")
+	id := wire.Identity{PublishKey: "pk", InstanceID: "i1", SiteID: "shop"}
+	body := []byte(`{"instanceId":"i1","siteId":"shop"}`)
+	captured := signed("POST", wire.PathToken, "sk", id, body)
+	statuses := map[int]int{}
+	for range 21 {
+		req := captured.Clone(captured.Context())
+		req.Body = io.NopCloser(bytes.NewReader(body))
+		statuses[serve(s, req)]++
+	}
+	assert.Equal(t, map[int]int{http.StatusOK: 1, http.StatusUnauthorized: 20}, statuses)
+	// A fresh request, with its own nonce, is served.
+	assert.Equal(t, http.StatusOK, serve(s, signed("POST", wire.PathToken, "sk", id, body)))
+}
+
+func TestNonceMemoryForgets(t *testing.T) {
+	var m nonceMemory
+	now := int64(1_764_230_400)
+	for i := range 1000 {
+		require.True(t, m.fresh("pk", strconv.Itoa(i), now-int64(i%600), now))
+	}
+	assert.False(t, m.fresh("pk", "7", now-7, now))
+	assert.True(t, m.fresh("pk2", "7", now-7, now), "nonces are per key")
+	later := now + 2*wire.MaxClockSkewSeconds + 120
+	assert.True(t, m.fresh("pk", "x", later, later))
+	assert.Len(t, m.buckets, 1, "buckets no timestamp can reach any more are dropped")
+}
+
+// TestBodiesReadOnlyForKnownKeys: unauthenticated bodies are not read nor
+// kept (before, 32 unauthenticated 1 MiB requests kept 31 MiB), and an
+// authenticated one over 1 MiB is refused with 413, declared or not.
+func TestBodiesReadOnlyForKnownKeys(t *testing.T) {
+	s := New()
+	defer s.Close()
+	s.AddKey("pk", "sk")
+	big := bytes.Repeat([]byte("x"), wire.MaxBody)
+
+	runtime.GC()
+	var before runtime.MemStats
+	runtime.ReadMemStats(&before)
+	for i := range 32 {
+		id := wire.Identity{PublishKey: "pk_unknown", InstanceID: "stranger-" + strconv.Itoa(i)}
+		resp, err := http.DefaultClient.Do(signed("POST", s.URL+wire.PathPulse, "sk", id, big))
+		require.NoError(t, err)
+		resp.Body.Close()
+		assert.Equal(t, http.StatusUnauthorized, resp.StatusCode)
+	}
+	runtime.GC()
+	var after runtime.MemStats
+	runtime.ReadMemStats(&after)
+	assert.Less(t, int64(after.HeapAlloc)-int64(before.HeapAlloc), int64(4<<20), "bodies of unknown keys are not kept")
+	assert.Empty(t, s.MaxInFlight(), "strangers' instance headers are not tracked")
+	for _, r := range s.Requests() {
+		assert.Empty(t, r.Body)
+	}
+
+	id := wire.Identity{PublishKey: "pk", InstanceID: "i1"}
+	tooBig := append(big, '!')
+	resp, err := http.DefaultClient.Do(signed("POST", s.URL+wire.PathPulse, "sk", id, tooBig))
+	require.NoError(t, err)
+	resp.Body.Close()
+	assert.Equal(t, http.StatusRequestEntityTooLarge, resp.StatusCode, "declared length")
+
+	req := signed("POST", s.URL+wire.PathPulse, "sk", id, nil)
+	req.Body, req.ContentLength = io.NopCloser(bytes.NewReader(tooBig)), -1 // chunked: no length declared
+	resp, err = http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	resp.Body.Close()
+	assert.Equal(t, http.StatusRequestEntityTooLarge, resp.StatusCode, "undeclared length")
+}
+
+// TestServerTimeouts: a client that sends its body slowly, and a
+// keep-alive connection left idle, are closed by the server; before, both
+// stayed open past 22 s.
+func TestServerTimeouts(t *testing.T) {
+	assert.LessOrEqual(t, DefaultTimeouts.Read, 15*time.Second)
+	assert.LessOrEqual(t, DefaultTimeouts.Idle, 15*time.Second)
+	assert.Positive(t, DefaultTimeouts.ReadHeader)
+	assert.Positive(t, DefaultTimeouts.Write)
+
+	s := NewWithTimeouts(Timeouts{ReadHeader: 200 * time.Millisecond, Read: 300 * time.Millisecond, Write: time.Second, Idle: 300 * time.Millisecond})
+	defer s.Close()
+	s.AddKey("pk", "sk")
+	addr := strings.TrimPrefix(s.URL, "http://")
+
+	// closed reports whether the server closes conn within a generous
+	// deadline; a server without timeouts never does.
+	closed := func(conn net.Conn, r *bufio.Reader) bool {
+		_ = conn.SetReadDeadline(time.Now().Add(20 * time.Second))
+		for {
+			if _, err := r.ReadByte(); err != nil {
+				return err == io.EOF || strings.Contains(err.Error(), "reset")
+			}
+		}
+	}
+
+	t.Run("slow body", func(t *testing.T) {
+		conn, err := net.Dial("tcp", addr)
+		require.NoError(t, err)
+		defer conn.Close()
+		body := pulseJSON("i1", "", 1, 1, 1)
+		req := signed("POST", wire.PathPulse, "sk", wire.Identity{PublishKey: "pk", InstanceID: "i1"}, body)
+		fmt.Fprintf(conn, "POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n", wire.PathPulse, len(body))
+		require.NoError(t, req.Header.Write(conn))
+		fmt.Fprint(conn, "\r\n")
+		_, _ = conn.Write(body[:1]) // and no more
+		assert.True(t, closed(conn, bufio.NewReader(conn)))
+	})
+	t.Run("idle keep-alive", func(t *testing.T) {
+		conn, err := net.Dial("tcp", addr)
+		require.NoError(t, err)
+		defer conn.Close()
+		fmt.Fprintf(conn, "GET %s HTTP/1.1\r\nHost: x\r\n\r\n", wire.PathPolicy)
+		r := bufio.NewReader(conn)
+		resp, err := http.ReadResponse(r, nil)
+		require.NoError(t, err)
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		assert.Equal(t, http.StatusUnauthorized, resp.StatusCode)
+		assert.True(t, closed(conn, r))
+	})
+}
+
+func TestBoundedLog(t *testing.T) {
+	var l boundedLog[int]
+	for i := range 1000 {
+		l.add(i, 10, 100, 1<<20)
+	}
+	got := l.all()
+	require.Len(t, got, 100)
+	assert.Equal(t, 900, got[0])
+	assert.Equal(t, 999, got[99])
+	assert.Equal(t, uint64(1000), l.seq)
+
+	for i := range 10 {
+		l.add(1000+i, 1<<18, 100, 1<<20) // four of these fill the budget
+	}
+	got = l.all()
+	assert.LessOrEqual(t, l.bytes, 1<<20)
+	assert.Equal(t, []int{1006, 1007, 1008, 1009}, got)
+	l.add(-1, 2<<20, 100, 1<<20)
+	assert.Equal(t, []int{1006, 1007, 1008, 1009}, l.all(), "an entry over the budget is not kept")
+
+	l.resize(2)
+	assert.Equal(t, []int{1008, 1009}, l.all())
+}
+
+// TestLogsAndEventsBounded: the request, pulse and event logs keep their
+// newest entries; Seq shows how many events there were.
+func TestLogsAndEventsBounded(t *testing.T) {
+	s := NewUnstarted()
+	defer s.Close()
+	s.AddKey("pk", "sk")
+	s.SetLogLimit(50)
+	s.SetRuleWindow(20 * time.Millisecond)
+	s.SetPolicy("", Policy{Version: 1, GlobalMaxWeight: 10})
+	require.NoError(t, s.SetRules("", Rule{Name: "flip", Metric: MetricRPS, Operator: ">", Threshold: 1000, TagName: "free", Action: ActionBlock}))
+	id := wire.Identity{PublishKey: "pk", InstanceID: "i1"}
+	var seq uint64
+	deadline := time.Now().Add(time.Minute)
+	for (len(s.Events()) < 50 || seq < 200) && time.Now().Before(deadline) {
+		seq++
+		// Busy and idle pulses in turn, each alone in its window: the
+		// rule fires and clears.
+		require.Equal(t, http.StatusOK, serve(s, signed("POST", wire.PathPulse, "sk", id, pulseJSON("i1", "", seq, 1000*(seq%2), int64(seq)))))
+		time.Sleep(30 * time.Millisecond)
+	}
+	assert.Len(t, s.Pulses(), 50)
+	assert.Len(t, s.Requests(), 50)
+	ev := s.Events()
+	require.Len(t, ev, 50)
+	assert.Greater(t, ev[0].Seq, uint64(1), "older events were dropped")
+	for i := 1; i < len(ev); i++ {
+		assert.Equal(t, ev[i-1].Seq+1, ev[i].Seq)
+	}
+	assert.Equal(t, seq, s.Pulses()[49].Seq)
+}
+
+// TestAnswerCacheKeyedByPath: query strings chosen by a client do not grow
+// the control plane.
+func TestAnswerCacheKeyedByPath(t *testing.T) {
+	s := NewUnstarted()
+	defer s.Close()
+	s.AddKey("pk", "sk")
+	id := wire.Identity{PublishKey: "pk", InstanceID: "i1"}
+	for i := range 200 {
+		serve(s, signed("POST", wire.PathPulse+"?x="+strconv.Itoa(i), "sk", id, pulseJSON("i1", "", uint64(i+1), 1, int64(i))))
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	assert.LessOrEqual(t, len(s.lastReply), 1)
+}
+
+// TestPulsesDoNotWaitForAnotherSite: a site's counting and rule evaluation
+// hold its own lock, not the server's: while one site's state is locked (as
+// during its Metrics or rule evaluation), another site's pulses are
+// counted. Before, both ran under one global lock.
+func TestPulsesDoNotWaitForAnotherSite(t *testing.T) {
+	s := NewUnstarted()
+	defer s.Close()
+	s.AddKey("pk", "sk")
+	s.SetPolicy("", Policy{Version: 1, GlobalMaxWeight: 10})
+	busy := s.tenant("pk").site("busy")
+	busy.mu.Lock()
+	defer busy.mu.Unlock()
+	done := make(chan int, 1)
+	go func() {
+		id := wire.Identity{PublishKey: "pk", InstanceID: "i1", SiteID: "quiet"}
+		done <- serve(s, signed("POST", wire.PathPulse, "sk", id, pulseJSON("i1", "quiet", 1, 1, 1)))
+	}()
+	select {
+	case code := <-done:
+		assert.Equal(t, http.StatusOK, code)
+	case <-time.After(30 * time.Second):
+		t.Fatal("a pulse of one site waited for another site's lock")
+	}
+	assert.Equal(t, 1, s.Totals("quiet").Pulses)
+}
+
+// TestPolicyJSONBuiltOncePerPolicy: the answers of a site reuse its policy
+// JSON until the policy changes.
+func TestPolicyJSONBuiltOncePerPolicy(t *testing.T) {
+	s := NewUnstarted()
+	defer s.Close()
+	s.AddKey("pk", "sk")
+	s.SetPolicy("", Policy{Version: 1, GlobalMaxWeight: 10})
+	id := wire.Identity{PublishKey: "pk", InstanceID: "i1"}
+	st := s.tenant("pk").site("")
+	var first []byte
+	for seq := range uint64(20) {
+		serve(s, signed("POST", wire.PathPulse, "sk", id, pulseJSON("i1", "", seq+1, 1, int64(seq))))
+		st.mu.Lock()
+		if first == nil {
+			first = st.cached.json
+		}
+		assert.Same(t, &first[0], &st.cached.json[0], "the same bytes")
+		st.mu.Unlock()
+	}
+	s.SetPolicy("", Policy{Version: 2, GlobalMaxWeight: 5})
+	serve(s, signed("POST", wire.PathPulse, "sk", id, pulseJSON("i1", "", 100, 1, 100)))
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	var p Policy
+	require.NoError(t, json.Unmarshal(st.cached.json, &p))
+	assert.Equal(t, int64(2), p.Version, "rebuilt for the new policy")
+}
+
+// leaseOf reads the interval fields of a lease answer.
+func leaseOf(t *testing.T, body []byte) (pulseMs int64, ok bool) {
+	t.Helper()
+	var a struct {
+		PulseIntervalMs *int64 `json:"pulseIntervalMs"`
+	}
+	require.NoError(t, json.Unmarshal(body, &a))
+	if a.PulseIntervalMs == nil {
+		return 0, false
+	}
+	return *a.PulseIntervalMs, true
+}
+
+// TestIncidentCadence: while a rule of a site is fired, its answers carry
+// the incident pulse interval; after it clears, the normal one.
+func TestIncidentCadence(t *testing.T) {
+	cases := []struct {
+		name             string
+		normal, incident time.Duration // SetIntervals, SetIncidentPulseInterval
+		windowMs         int64         // the clients' own interval
+		during, after    int64         // pulseIntervalMs expected
+	}{
+		{"default from a 1 s normal", time.Second, 0, 1000, 250, 1000},
+		{"default from a 4 s normal", 4 * time.Second, 0, 4000, 1000, 4000},
+		{"never slower than normal", 200 * time.Millisecond, 0, 200, 200, 200},
+		{"set", time.Second, 100 * time.Millisecond, 1000, 100, 1000},
+		{"the clients' own normal", 0, 0, 2000, 500, 2000},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			s := NewUnstarted()
+			defer s.Close()
+			s.AddKey("pk", "sk")
+			s.SetIntervals(c.normal, 0)
+			if c.incident > 0 {
+				s.SetIncidentPulseInterval("", c.incident)
+			}
+			s.SetRuleWindow(100 * time.Millisecond)
+			s.SetPolicy("", Policy{Version: 1, GlobalMaxWeight: 10})
+			require.NoError(t, s.SetRules("", Rule{Name: "busy", Metric: MetricRPS, Operator: ">", Threshold: 100, TagName: "free", Action: ActionBlock}))
+			id := wire.Identity{PublishKey: "pk", InstanceID: "i1"}
+			seq := uint64(0)
+			send := func(usage uint64) []byte {
+				seq++
+				body := fmt.Appendf(nil, `{"instanceId":"i1","seq":%d,"windowEndMs":%d,"windowMs":%d,"usageDelta":%d,"tags":{}}`, seq, seq, c.windowMs, usage)
+				rec := httptest.NewRecorder()
+				s.Handler().ServeHTTP(rec, signed("POST", wire.PathPulse, "sk", id, body))
+				require.Equal(t, http.StatusOK, rec.Code)
+				return rec.Body.Bytes()
+			}
+			ms, ok := leaseOf(t, send(1))
+			if c.normal > 0 {
+				assert.Equal(t, c.normal.Milliseconds(), ms, "normal")
+			} else {
+				assert.False(t, ok, "no normal interval set: the clients keep their own")
+			}
+			var during []byte
+			require.Eventually(t, func() bool {
+				during = send(1000)
+				return len(s.Events()) > 0
+			}, 30*time.Second, 10*time.Millisecond, "the rule fires")
+			ms, _ = leaseOf(t, during)
+			assert.Equal(t, c.during, ms, "during the incident")
+			var after []byte
+			require.Eventually(t, func() bool {
+				after = send(0)
+				return len(s.Events()) > 1
+			}, 30*time.Second, 10*time.Millisecond, "the rule clears")
+			ms, ok = leaseOf(t, after)
+			assert.True(t, ok)
+			assert.Equal(t, c.after, ms, "after the incident")
+		})
+	}
+}
+
+// TestConcurrentSites: many sites and keys pulsing at once count exactly,
+// under -race.
+func TestConcurrentSites(t *testing.T) {
+	s := NewUnstarted()
+	defer s.Close()
+	s.AddKey("pk", "sk")
+	s.AddKey("pk2", "sk2")
+	s.SetPolicy("", Policy{Version: 1, GlobalMaxWeight: 10})
+	require.NoError(t, s.SetRules("", Rule{Name: "r", MetricTag: "free", Metric: MetricRPS, Operator: ">", Threshold: 1e9, TagName: "free", Action: ActionBlock}))
+	var wg sync.WaitGroup
+	for g := range 8 {
+		wg.Go(func() {
+			key, secret := "pk", "sk"
+			if g%2 == 1 {
+				key, secret = "pk2", "sk2"
+			}
+			site := "site-" + strconv.Itoa(g%3)
+			inst := "i" + strconv.Itoa(g)
+			id := wire.Identity{PublishKey: key, InstanceID: inst, SiteID: site}
+			for seq := uint64(1); seq <= 50; seq++ {
+				serve(s, signed("POST", wire.PathPulse, secret, id, pulseJSON(inst, site, seq, 2, int64(seq))))
+			}
+		})
+	}
+	wg.Wait()
+	var usage uint64
+	for _, key := range []string{"pk", "pk2"} {
+		for i := range 3 {
+			usage += s.TotalsOf(key, "site-"+strconv.Itoa(i)).Usage
+		}
+	}
+	assert.Equal(t, uint64(8*50*2), usage)
+}

@@ -1,0 +1,378 @@
+package controlplane
+
+import (
+	"encoding/json"
+	"math"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/waitstate/waitstate-go/internal/wire"
+)
+
+// The control plane's memory is bounded by keys × sites × instances × tags,
+// never by the number of requests or pulses:
+//
+//  1. State lives per publish key, then per site (tenant, siteState): a key
+//     can never read or change another key's counts, rule state or policy,
+//     whatever site or instance IDs it claims.
+//  2. Each instance of a site keeps a fixed-size dedupe record (seen): the
+//     highest seq counted and a bitmap of the dedupeSpan seqs below it. A seq
+//     below that span counts as seen.
+//  3. A site's Totals track at most MaxSiteTags tags; later ones add to
+//     "_other".
+//  4. The rules read fixed aggregates: a ring of windowSlots slots over the
+//     rule window, each holding the sums of the pulses that arrived in it,
+//     for the whole site and for each tag a rule watches. A pulse adds to
+//     one slot; an evaluation merges windowSlots of them.
+//  5. The request, pulse and event logs keep their newest entries within a
+//     count and a byte budget (log.go).
+//  6. Token nonces are remembered for the skew window only, in per-minute
+//     buckets that are dropped whole (nonce.go).
+//  7. Request bodies are read only once the key is known, and at most
+//     wire.MaxBody of them.
+
+// tenant is what the control plane holds for one publish key.
+type tenant struct {
+	mu    sync.Mutex
+	sites map[string]*siteState
+}
+
+// site returns the state of one site of the key, creating it.
+func (t *tenant) site(name string) *siteState {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	st := t.sites[name]
+	if st == nil {
+		st = &siteState{firing: map[string]*ruleState{}, seen: map[string]*seen{}}
+		t.sites[name] = st
+	}
+	return st
+}
+
+// siteState is what one key holds for one site. Its mutex guards every
+// field; no pulse of another site waits on it.
+type siteState struct {
+	mu        sync.Mutex
+	bumps     int64                 // policy changes made by its rules
+	firing    map[string]*ruleState // by rule name
+	evaluated time.Time             // when its rules were last stepped
+	window    aggWindow             // what its rules read
+	totals    Totals                // over every pulse counted
+	seen      map[string]*seen      // by instance: which seqs were counted
+	normal    time.Duration         // the clients' own pulse interval when an incident began
+
+	// The policy JSON served, built once per policy.
+	cached struct {
+		gen, bumps int64
+		json       json.RawMessage
+		version    int64
+		ok         bool
+	}
+}
+
+// dedupeSpan is how many seqs below an instance's highest one are told
+// apart; older ones count as seen.
+const dedupeSpan = 64
+
+// seen records which of one instance's pulses were counted.
+type seen struct {
+	high uint64 // the highest seq counted
+	bits uint64 // bit i: seq high-1-i was counted
+	end  int64  // windowEndMs of the pulse with seq high
+}
+
+// fresh reports whether a pulse with seq and windowEnd is to be counted,
+// and records it. A pulse at or below the high-water mark whose window ends
+// later than that of the highest one counted comes from a restarted
+// instance that kept its ID (its seqs start at 1 again): the record starts
+// over. A resend keeps its window, so it is never taken for one.
+func (d *seen) fresh(seq uint64, windowEnd int64) bool {
+	if seq <= d.high && windowEnd > d.end {
+		*d = seen{}
+	}
+	switch {
+	case seq > d.high:
+		shift := seq - d.high
+		if shift > dedupeSpan {
+			d.bits = 0
+		} else {
+			d.bits = d.bits<<shift | 1<<(shift-1) // the old high moves into the bitmap
+		}
+		if d.high == 0 {
+			d.bits = 0
+		}
+		d.high, d.end = seq, windowEnd
+		return true
+	case seq == d.high:
+		return false
+	case d.high-seq > dedupeSpan:
+		return false
+	default:
+		bit := uint64(1) << (d.high - seq - 1)
+		if d.bits&bit != 0 {
+			return false
+		}
+		d.bits |= bit
+		return true
+	}
+}
+
+// windowSlots is how many slots a rule window is cut into: the rules see
+// the pulses of the last window to within one slot.
+const windowSlots = 20
+
+// maxCustomMetrics bounds the custom metric names a scope keeps per slot.
+const maxCustomMetrics = 64
+
+// aggWindow is a ring of slots covering one rule window.
+type aggWindow struct {
+	width time.Duration
+	ring  [windowSlots]slot
+}
+
+// slot sums the pulses that arrived within one slot's time.
+type slot struct {
+	n         int64 // the slot's index since the epoch; live while within the window
+	pulses    int
+	windowMs  int64 // sum of the pulses' windowMs
+	instances map[string]struct{}
+	site      agg
+	tags      map[string]*agg // the tags the rules watch
+}
+
+// agg sums one scope's traffic: the whole site or one tag.
+type agg struct {
+	calls    uint64 // offered Gate calls, allowed and denied
+	requests uint64 // health samples
+	errors   uint64
+	hist     *[wire.HistBuckets]uint64 // the merged latency histograms
+	legacy   []*Health                 // health that came without a histogram of the wire scheme
+	custom   map[string]MetricAgg
+}
+
+// reset empties the window and sets its slot width.
+func (w *aggWindow) reset(width time.Duration) {
+	*w = aggWindow{width: max(width, time.Millisecond)}
+}
+
+// slot returns the slot for now, emptied if it held an older one.
+func (w *aggWindow) slot(now time.Time) *slot {
+	n := now.UnixNano() / int64(w.width)
+	s := &w.ring[n%windowSlots]
+	if s.n != n {
+		*s = slot{n: n}
+	}
+	return s
+}
+
+// add adds a pulse to the slot of now: its site-wide figures and those of
+// the watched tags.
+func (w *aggWindow) add(p *Pulse, now time.Time, watched []string) {
+	s := w.slot(now)
+	s.pulses++
+	s.windowMs += max(p.WindowMs, 0)
+	if s.instances == nil {
+		s.instances = map[string]struct{}{}
+	}
+	s.instances[p.InstanceID] = struct{}{}
+	s.site.add(p.UsageDelta+p.BouncedDelta, p.Health, p.Metrics)
+	for _, tag := range watched {
+		tc, ok := p.Tags[tag]
+		if !ok {
+			continue
+		}
+		if s.tags == nil {
+			s.tags = map[string]*agg{}
+		}
+		a := s.tags[tag]
+		if a == nil {
+			a = &agg{}
+			s.tags[tag] = a
+		}
+		a.add(tc.Usage+tc.Bounced, tc.Health, tc.Metrics)
+	}
+}
+
+// add adds one pulse's figures for the scope.
+func (a *agg) add(calls uint64, h *Health, custom map[string]MetricAgg) {
+	a.calls += calls
+	if h != nil && h.Requests > 0 {
+		a.requests += h.Requests
+		a.errors += min(h.Errors, h.Requests)
+		if idx, counts, ok := histogramOf(h); ok {
+			if a.hist == nil {
+				a.hist = new([wire.HistBuckets]uint64)
+			}
+			for i, c := range idx {
+				a.hist[c] += counts[i]
+			}
+		} else {
+			a.legacy = append(a.legacy, h)
+		}
+	}
+	for name, m := range custom {
+		if m.Count == 0 {
+			continue
+		}
+		if a.custom == nil {
+			a.custom = map[string]MetricAgg{}
+		}
+		sum, ok := a.custom[name]
+		if !ok {
+			if len(a.custom) >= maxCustomMetrics {
+				continue
+			}
+			sum = MetricAgg{Min: math.Inf(1), Max: math.Inf(-1)}
+		}
+		a.custom[name] = MetricAgg{Count: sum.Count + m.Count, Sum: sum.Sum + m.Sum, Min: min(sum.Min, m.Min), Max: max(sum.Max, m.Max)}
+	}
+}
+
+// histogramOf parses a health's histogram: bucket indexes and their counts.
+// ok is false without one, for another scheme, or for one that does not
+// parse, whose health then counts through its quantiles alone.
+func histogramOf(h *Health) (idx []int, counts []uint64, ok bool) {
+	if h.Histogram == nil || h.Histogram.Scheme != wire.HistogramScheme {
+		return nil, nil, false
+	}
+	idx = make([]int, 0, len(h.Histogram.Counts))
+	counts = make([]uint64, 0, len(h.Histogram.Counts))
+	for key, c := range h.Histogram.Counts {
+		i, err := strconv.Atoi(key)
+		if err != nil || i < 0 || i >= wire.HistBuckets {
+			return nil, nil, false
+		}
+		idx, counts = append(idx, i), append(counts, c)
+	}
+	return idx, counts, true
+}
+
+// live calls f for each slot within the window ending at now.
+func (w *aggWindow) live(now time.Time, f func(*slot)) {
+	if w.width == 0 {
+		return
+	}
+	n := now.UnixNano() / int64(w.width)
+	for i := range w.ring {
+		if s := &w.ring[i]; s.n > n-windowSlots && s.n <= n {
+			f(s)
+		}
+	}
+}
+
+// metrics computes the figures of tag's traffic ("" is the whole site) over
+// the window ending at now, which is window long.
+func (w *aggWindow) metrics(now time.Time, window time.Duration, tag string) Metrics {
+	m := Metrics{ErrorRate: math.NaN(), LatencyP50Ms: math.NaN(), LatencyP95Ms: math.NaN(), LatencyP99Ms: math.NaN(),
+		Custom: map[string]MetricAgg{}}
+	var total agg
+	instances := map[string]struct{}{}
+	w.live(now, func(s *slot) {
+		m.Pulses += s.pulses
+		for id := range s.instances {
+			instances[id] = struct{}{}
+		}
+		a := &s.site
+		if tag != "" {
+			if a = s.tags[tag]; a == nil {
+				return
+			}
+		}
+		total.merge(a)
+	})
+	m.Instances = len(instances)
+	m.RPS = float64(total.calls) / window.Seconds()
+	m.Custom = total.custom
+	if m.Custom == nil {
+		m.Custom = map[string]MetricAgg{}
+	}
+	if total.requests > 0 {
+		m.Requests = total.requests
+		m.ErrorRate = float64(total.errors) / float64(total.requests)
+		m.LatencyP50Ms, m.LatencyP95Ms, m.LatencyP99Ms = total.quantiles()
+	}
+	return m
+}
+
+// merge adds b's sums to a.
+func (a *agg) merge(b *agg) {
+	a.calls += b.calls
+	a.requests += b.requests
+	a.errors += b.errors
+	if b.hist != nil {
+		if a.hist == nil {
+			a.hist = new([wire.HistBuckets]uint64)
+		}
+		for i, c := range b.hist {
+			a.hist[i] += c
+		}
+	}
+	a.legacy = append(a.legacy, b.legacy...)
+	for name, m := range b.custom {
+		if a.custom == nil {
+			a.custom = map[string]MetricAgg{}
+		}
+		sum, ok := a.custom[name]
+		if !ok {
+			sum = MetricAgg{Min: math.Inf(1), Max: math.Inf(-1)}
+		}
+		a.custom[name] = MetricAgg{Count: sum.Count + m.Count, Sum: sum.Sum + m.Sum, Min: min(sum.Min, m.Min), Max: max(sum.Max, m.Max)}
+	}
+}
+
+// quantiles returns the scope's p50, p95 and p99 in ms. With histograms
+// only, they are read off the merge: the quantiles of the pooled requests to
+// within the wire scheme's error. Health without a histogram (from clients
+// that send none) is combined with the merge by fleetQuantile.
+func (a *agg) quantiles() (p50, p95, p99 float64) {
+	if len(a.legacy) == 0 && a.hist != nil {
+		return histQuantile(a.hist, 0.50), histQuantile(a.hist, 0.95), histQuantile(a.hist, 0.99)
+	}
+	hs := a.legacy
+	if a.hist != nil {
+		var n uint64
+		last := 0
+		for i, c := range a.hist {
+			if c > 0 {
+				n, last = n+c, i
+			}
+		}
+		hs = append(hs[:len(hs):len(hs)], &Health{Requests: n, LatencyMs: Latency{
+			P50: histQuantile(a.hist, 0.50), P95: histQuantile(a.hist, 0.95), P99: histQuantile(a.hist, 0.99), Max: wire.HistMid(last) / 1000}})
+	}
+	return fleetQuantile(hs, 0.50), fleetQuantile(hs, 0.95), fleetQuantile(hs, 0.99)
+}
+
+// histQuantile reads the q-quantile off a histogram, in ms: the midpoint of
+// the bucket that holds the ⌈q·n⌉-th request, within 6.25 % of the pooled
+// requests' own quantile. NaN when it is empty.
+func histQuantile(h *[wire.HistBuckets]uint64, q float64) float64 {
+	var n uint64
+	for _, c := range h {
+		n += c
+	}
+	if n == 0 {
+		return math.NaN()
+	}
+	rank := max(uint64(math.Ceil(q*float64(n))), 1)
+	var seen uint64
+	for i, c := range h {
+		if seen += c; seen >= rank {
+			return wire.HistMid(i) / 1000
+		}
+	}
+	return math.NaN() // unreachable: rank <= n
+}
+
+// meanWindow is the mean windowMs of the pulses within the window: the
+// pulse interval the site's clients use on their own.
+func (w *aggWindow) meanWindow(now time.Time) time.Duration {
+	var sum int64
+	var n int
+	w.live(now, func(s *slot) { sum, n = sum+s.windowMs, n+s.pulses })
+	if n == 0 {
+		return 0
+	}
+	return time.Duration(sum/int64(n)) * time.Millisecond
+}
