@@ -2,11 +2,13 @@ package controlplane
 
 import (
 	"bytes"
+	"encoding/json"
 	"fmt"
 	"math"
 	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strconv"
 	"testing"
 	"time"
@@ -14,41 +16,73 @@ import (
 	"github.com/waitstate/waitstate-go/internal/wire"
 )
 
-// BenchmarkPulse is the control plane's CPU per pulse: verify the request's
-// signature, parse, count once, keep the sample for the rules, and sign the
-// answer. No network: the handler is called directly. Rule evaluation, which
-// runs at most 20 times per rule window, is BenchmarkEvaluate.
+// fleetPulse is the body of a pulse of instance i with tags tags, each
+// carrying health with a histogram, as the SDK sends them.
+func fleetPulse(r *rand.Rand, i int, seq uint64, tags int) []byte {
+	health := func(n int) *Health {
+		us := make([]uint64, n)
+		for j := range us {
+			us[j] = uint64(20_000 * math.Exp(0.7*r.NormFloat64()))
+		}
+		return instanceHealth(us)
+	}
+	body := wire.PulseBody{InstanceID: "i" + strconv.Itoa(i), SDK: "waitstate-go/0.2.0", Seq: seq, WindowEndMs: time.Now().UnixMilli() + int64(seq),
+		WindowMs: 1000, Mode: "enforcing", PolicyVersion: 1, UsageDelta: 100, BouncedDelta: 5, UsageTotal: 100 * seq, BouncedTotal: 5 * seq,
+		Tags: map[string]TagCount{}, Health: health(100)}
+	for t := range tags {
+		body.Tags["tenant-"+strconv.Itoa(t)] = TagCount{Usage: 10, Bounced: uint64(t % 2), Health: health(10)}
+	}
+	data, err := json.Marshal(body)
+	if err != nil {
+		panic(err)
+	}
+	return data
+}
+
+// BenchmarkPulse is the control plane's CPU per pulse from a fleet of 1,000
+// instances: verify the request's signature, parse, count once, add to the
+// rule aggregates (one rule watches a tag), evaluate the rules when due, and
+// sign the answer. Each pulse has tags tags, each with health and a
+// histogram, and site-wide health. The requests are built and signed
+// outside the timer; the handler is called directly, with no network.
 func BenchmarkPulse(b *testing.B) {
-	for _, tags := range []int{10, 1000} {
+	for _, tags := range []int{10, 100} {
 		b.Run(fmt.Sprintf("tags=%d", tags), func(b *testing.B) {
 			s := NewUnstarted()
 			defer s.Close()
 			s.AddKey("pk", "sk")
 			s.SetLogLimit(0)
 			s.SetPolicy("", Policy{Version: 1, GlobalMaxWeight: 5})
-			h := s.Handler()
-			var tagJSON bytes.Buffer
-			for i := range tags {
-				if i > 0 {
-					tagJSON.WriteByte(',')
-				}
-				fmt.Fprintf(&tagJSON, `"tenant-%d":{"usage":%d,"bounced":%d}`, i, i, i%3)
+			if err := s.SetRules("", Rule{Name: "protect", MetricTag: "tenant-0", Metric: MetricLatencyP95, Operator: ">", Threshold: 1e6,
+				TagName: "tenant-1", Action: ActionBlock, CooldownSeconds: 5}); err != nil {
+				b.Fatal(err)
 			}
+			h := s.Handler()
+			r := rand.New(rand.NewPCG(1, 2))
+			bodies := make([][]byte, 0, 1000) // one body per instance, resent with a new seq
+			for i := range 1000 {
+				bodies = append(bodies, fleetPulse(r, i, 1, tags))
+			}
+			seqs := make([]uint64, 1000)
+			const batch = 2000
+			reqs := make([]*http.Request, 0, batch)
+			n := 0
 			b.ReportAllocs()
-			seq := 0
 			for b.Loop() {
-				seq++
-				body := []byte(`{"instanceId":"i1","sdk":"waitstate-go/0.1.0","seq":` + strconv.Itoa(seq) +
-					`,"windowEndMs":1764230400000,"windowMs":20000,"mode":"enforcing","policyVersion":1,` +
-					`"usageDelta":100,"bouncedDelta":5,"usageTotal":1000,"bouncedTotal":50,"tags":{` + tagJSON.String() + `},` +
-					`"health":{"requests":100,"errors":2,"latencyMs":{"p50":12.5,"p95":80,"p99":120,"max":300}}}`)
-				req := httptest.NewRequest(http.MethodPost, wire.PathPulse, bytes.NewReader(body))
-				ts, nonce := strconv.FormatInt(time.Now().Unix(), 10), wire.RandomHex()
-				req.Header.Set(wire.HeaderKey, "pk")
-				req.Header.Set(wire.HeaderInstance, "i1")
-				req.Header.Set(wire.HeaderNonce, nonce)
-				req.Header.Set(wire.HeaderTimestamp, ts)
-				req.Header.Set(wire.HeaderSignature, wire.Sign("sk", wire.RequestCanonical(http.MethodPost, wire.PathPulse, ts, nonce, wire.Identity{PublishKey: "pk", InstanceID: req.Header.Get(wire.HeaderInstance)}, body)))
+				if len(reqs) == 0 {
+					b.StopTimer()
+					for range batch {
+						i := n % 1000
+						n++
+						seqs[i]++
+						body := bytes.Replace(bodies[i], []byte(`"seq":1,`), []byte(`"seq":`+strconv.FormatUint(seqs[i], 10)+`,`), 1)
+						reqs = append(reqs, signed(http.MethodPost, wire.PathPulse, "sk", wire.Identity{PublishKey: "pk", InstanceID: "i" + strconv.Itoa(i)}, body))
+					}
+					slices.Reverse(reqs)
+					b.StartTimer()
+				}
+				req := reqs[len(reqs)-1]
+				reqs = reqs[:len(reqs)-1]
 				rec := httptest.NewRecorder()
 				h.ServeHTTP(rec, req)
 				if rec.Code != http.StatusOK {

@@ -34,8 +34,13 @@ func (s *Server) recorder(next http.Handler) http.Handler {
 		}
 		s.mu.Unlock()
 
+		s.logMu.Lock()
+		logging := s.logLimit > 0
+		s.logMu.Unlock()
 		body := &capture{ReadCloser: r.Body}
-		r.Body = body
+		if logging {
+			r.Body = body
+		}
 		sw := &statusRecorder{ResponseWriter: w, status: http.StatusOK}
 		next.ServeHTTP(sw, r)
 
@@ -45,6 +50,9 @@ func (s *Server) recorder(next http.Handler) http.Handler {
 				delete(s.inflight, loop)
 			}
 			s.mu.Unlock()
+		}
+		if !logging {
+			return
 		}
 		req := Request{Method: r.Method, Path: r.URL.RequestURI(), Header: r.Header.Clone(), Body: body.buf.Bytes(),
 			Status: sw.status, At: at, Duration: time.Since(at)}
@@ -115,7 +123,9 @@ func (s *Server) preamble(w http.ResponseWriter, r *http.Request, signed bool) (
 			return "", f, nil, false
 		}
 		var err error
-		if body, err = io.ReadAll(http.MaxBytesReader(w, r.Body, wire.MaxBody)); err != nil {
+		buf := bytes.NewBuffer(make([]byte, 0, max(r.ContentLength, 0)+bytes.MinRead))
+		_, err = buf.ReadFrom(http.MaxBytesReader(w, r.Body, wire.MaxBody))
+		if body = buf.Bytes(); err != nil {
 			status := http.StatusBadRequest
 			var tooLarge *http.MaxBytesError
 			if errors.As(err, &tooLarge) {
@@ -390,8 +400,13 @@ func (s *Server) handlePulse(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, f.PulseStatus, f.RetryAfter)
 		return
 	}
+	key := r.Header.Get(wire.HeaderKey)
+	cfg := s.resolve(r.Header.Get(wire.HeaderSite))
+	s.logMu.Lock()
+	logging := s.logLimit > 0 // the log keeps pulses whole
+	s.logMu.Unlock()
 	var p Pulse
-	if err := json.Unmarshal(body, &p); err != nil || p.Seq == 0 || p.InstanceID != r.Header.Get(wire.HeaderInstance) {
+	if err := decodePulse(body, &p.PulseBody, !logging, cfg.watched); err != nil || p.Seq == 0 || p.InstanceID != r.Header.Get(wire.HeaderInstance) {
 		s.fail(w, http.StatusBadRequest, 0)
 		return
 	}
@@ -401,8 +416,6 @@ func (s *Server) handlePulse(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, http.StatusBadRequest, 0)
 		return
 	}
-	key := r.Header.Get(wire.HeaderKey)
-	cfg := s.resolve(p.Site)
 	st := s.tenant(key).site(p.Site)
 	now := time.Now()
 
