@@ -451,7 +451,7 @@ func (s *Server) RevokeTokens() {
 // the bytes each log holds. Totals counts every pulse regardless.
 const (
 	DefaultLogLimit = 10_000
-	DefaultLogBytes = 64 << 20
+	DefaultLogBytes = 32 << 20
 )
 
 // SetLogLimit sets how many requests, pulses and events the logs keep.

@@ -54,7 +54,7 @@ func (s *Server) recorder(next http.Handler) http.Handler {
 		if !logging {
 			return
 		}
-		req := Request{Method: r.Method, Path: r.URL.RequestURI(), Header: r.Header.Clone(), Body: body.buf.Bytes(),
+		req := Request{Method: r.Method, Path: r.URL.RequestURI(), Header: r.Header.Clone(), Body: bytes.Clone(body.buf.Bytes()),
 			Status: sw.status, At: at, Duration: time.Since(at)}
 		cost := 256 + len(req.Path) + len(req.Body)
 		for k, vs := range req.Header {
@@ -431,7 +431,7 @@ func (s *Server) handlePulse(w http.ResponseWriter, r *http.Request) {
 
 	if counted {
 		s.logMu.Lock()
-		s.pulses.add(p, 256+2*len(p.Raw), s.logLimit, s.logBytes)
+		s.pulses.add(p, pulseCost(&p), s.logLimit, s.logBytes)
 		for _, e := range events {
 			e.Seq, e.Key, e.Site = s.events.seq+1, key, p.Site
 			s.events.add(e, 128+len(e.Rule)+len(e.Key)+len(e.Site), s.logLimit, s.logBytes)
@@ -450,4 +450,24 @@ func (s *Server) handlePulse(w http.ResponseWriter, r *http.Request) {
 		policy = nil
 	}
 	s.answer(w, r, secret, f, leaseBody(policy, cfg, pulseEvery, f))
+}
+
+// pulseCost estimates the bytes a logged pulse holds: its body and what
+// was parsed of it, histograms and all.
+func pulseCost(p *Pulse) int {
+	cost := 512 + len(p.Raw)
+	health := func(h *Health) {
+		if h != nil {
+			cost += 96
+			if h.Histogram != nil {
+				cost += 64 + 48*len(h.Histogram.Counts)
+			}
+		}
+	}
+	health(p.Health)
+	for tag, tc := range p.Tags {
+		cost += 96 + len(tag) + 96*len(tc.Metrics)
+		health(tc.Health)
+	}
+	return cost + 96*len(p.Metrics)
 }
