@@ -178,11 +178,15 @@ func ExampleClient_StartTimer() {
 	p := pulses[len(pulses)-1]
 	h := p.Tags["search"].Health
 	m := p.Tags["search"].Metrics["results"]
-	fmt.Printf("search: %d requests, %d errors, histogram %s\n", h.Requests, h.Errors, h.Histogram.Scheme)
+	var inHistogram uint64
+	for _, n := range h.Histogram {
+		inHistogram += n
+	}
+	fmt.Printf("search: %d requests, %d errors, %d in the latency histogram\n", h.Requests, h.Errors, inHistogram)
 	fmt.Printf("search results: count %d, min %v, max %v\n", m.Count, m.Min, m.Max)
 	fmt.Printf("site: %d requests\n", p.Health.Requests)
 	// Output:
-	// search: 3 requests, 1 errors, histogram loglinear-us-8
+	// search: 3 requests, 1 errors, 3 in the latency histogram
 	// search results: count 3, min 0, max 20
 	// site: 4 requests
 }

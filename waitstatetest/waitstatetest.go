@@ -15,6 +15,7 @@
 package waitstatetest
 
 import (
+	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
@@ -32,51 +33,6 @@ const (
 	SyncInterval  = 200 * time.Millisecond
 	// RuleWindow is how far back the rules look: five pulse intervals.
 	RuleWindow = 5 * PulseInterval
-)
-
-// The control plane's types, for reading what it received and scripting
-// what it does.
-type (
-	// Rule is a reflex rule. See SetRules.
-	Rule = controlplane.Rule
-	// Action is what a fired rule does to its tag: block, throttle or cap.
-	Action = controlplane.Action
-	// Metric names what a rule watches.
-	Metric = controlplane.Metric
-	// Faults script how the control plane misbehaves; the zero value is a
-	// healthy control plane.
-	Faults = controlplane.Faults
-	// TokenFault makes the control plane issue bad tokens.
-	TokenFault = controlplane.TokenFault
-	// Pulse is a pulse as received.
-	Pulse = controlplane.Pulse
-	// TagCount is one tag's counts.
-	TagCount = controlplane.TagCount
-	// Totals are a site's counts over every pulse counted.
-	Totals = controlplane.Totals
-	// Metrics are a site's figures over the rule window.
-	Metrics = controlplane.Metrics
-	// Event is a rule firing or clearing.
-	Event = controlplane.Event
-	// Request is what the control plane saw of one request.
-	Request = controlplane.Request
-)
-
-// The metrics a Rule can watch.
-const (
-	MetricLatencyP50 = controlplane.MetricLatencyP50
-	MetricLatencyP95 = controlplane.MetricLatencyP95
-	MetricLatencyP99 = controlplane.MetricLatencyP99
-	MetricErrorRate  = controlplane.MetricErrorRate
-	MetricRPS        = controlplane.MetricRPS
-)
-
-// The actions of a Rule. A rule with no action caps its tag's weight at
-// MaxWeight.
-const (
-	ActionBlock    = controlplane.ActionBlock    // shed every call of the tag
-	ActionThrottle = controlplane.ActionThrottle // admit Percent % of the tag's calls
-	ActionCap      = controlplane.ActionCap      // lower the tag's weight limit to MaxWeight
 )
 
 // Server is a control plane on loopback. Its methods are safe for
@@ -183,7 +139,18 @@ func (s *Server) Policy(site string) (*waitstate.Policy, bool) {
 //
 //	{"name": "protect-enterprise", "metricTag": "enterprise", "metric": "latency_p95_ms",
 //	 "operator": ">", "threshold": 300, "tagName": "free", "action": "block", "cooldownSeconds": 30}
-func (s *Server) SetRules(site string, rules ...Rule) error { return s.cp.SetRules(site, rules...) }
+func (s *Server) SetRules(site string, rules ...Rule) error {
+	return s.cp.SetRules(site, convert(rules, Rule.internal)...)
+}
+
+// SetIncidentPulseInterval sets the pulse interval site's clients are told
+// to use while one of its rules is fired ("" is the default for sites
+// without their own), so that the fleet reports faster during an incident.
+// Unset, it is a quarter of the normal interval (that of SetIntervals, else
+// the one the site's clients were pulsing at when the incident began), but
+// at least 250 ms and never more than the normal one. Once every rule has
+// cleared, clients are told the normal interval again.
+func (s *Server) SetIncidentPulseInterval(site string, d time.Duration) { s.cp.SetIncidentPulseInterval(site, d) }
 
 // SetRuleWindow changes how far back the rules look.
 func (s *Server) SetRuleWindow(d time.Duration) { s.cp.SetRuleWindow(d) }
@@ -199,29 +166,69 @@ func (s *Server) SetIntervals(pulse, sync time.Duration) { s.cp.SetIntervals(pul
 
 // SetFaults makes the control plane misbehave as f says, until the next
 // SetFaults or Heal.
-func (s *Server) SetFaults(f Faults) { s.cp.SetFaults(f) }
+func (s *Server) SetFaults(f Faults) { s.cp.SetFaults(f.internal()) }
 
 // Heal ends every fault.
-func (s *Server) Heal() { s.cp.SetFaults(Faults{}) }
+func (s *Server) Heal() { s.cp.SetFaults(controlplane.Faults{}) }
 
 // RevokeTokens makes every token issued so far invalid.
 func (s *Server) RevokeTokens() { s.cp.RevokeTokens() }
 
 // Pulses returns the pulses counted so far, in order of arrival, each
-// (instance, seq) once.
-func (s *Server) Pulses() []Pulse { return s.cp.Pulses() }
+// (instance, seq) once: the last LogLimit of them.
+func (s *Server) Pulses() []Pulse { return convert(s.cp.Pulses(), pulseFrom) }
 
-// Totals adds up what site's instances reported.
-func (s *Server) Totals(site string) Totals { return s.cp.Totals(site) }
+// Totals adds up what site's instances reported, since the server started.
+func (s *Server) Totals(site string) Totals { return totalsFrom(s.cp.Totals(site)) }
 
-// Metrics returns site's figures over the rule window.
-func (s *Server) Metrics(site string) Metrics { return s.cp.Metrics(site) }
+// Metrics returns site's figures over the rule window, as its rules see
+// them.
+func (s *Server) Metrics(site string) Metrics { return metricsFrom(s.cp.Metrics(site)) }
 
-// Events returns the rules' firings and clearings so far.
-func (s *Server) Events() []Event { return s.cp.Events() }
+// TagMetrics returns the figures of one tag's traffic on site over the rule
+// window, for a tag that one of the site's rules measures (its MetricTag);
+// other tags are not aggregated and have none.
+func (s *Server) TagMetrics(site, tag string) Metrics {
+	return metricsFrom(s.cp.MetricsOf(s.publishKey, site, tag))
+}
 
-// Requests returns every request received so far.
-func (s *Server) Requests() []Request { return s.cp.Requests() }
+// Events returns the rules' firings and clearings so far (the last
+// LogLimit of them), in order.
+func (s *Server) Events() []Event {
+	return convert(s.cp.Events(), func(e controlplane.Event) Event {
+		return Event{Seq: e.Seq, At: e.At, Site: e.Site, Rule: e.Rule, Fired: e.Fired, Value: e.Value, Version: e.Version}
+	})
+}
+
+// Requests returns the requests received so far (the last LogLimit of
+// them), in order.
+func (s *Server) Requests() []Request { return convert(s.cp.Requests(), requestFrom) }
+
+// LogLimit is how many pulses, requests and events a Server keeps for
+// Pulses, Requests and Events; Totals count every pulse regardless.
+const LogLimit = controlplane.DefaultLogLimit
+
+// WaitForPolicy waits until client enforces a policy of at least version,
+// or ctx ends. It is how a test waits for a SetPolicy, or a rule's firing,
+// to reach a client; Event.Version is the version a rule made.
+func WaitForPolicy(ctx context.Context, client *waitstate.Client, version int64) error {
+	t := time.NewTicker(5 * time.Millisecond)
+	defer t.Stop()
+	for {
+		if p := client.Policy(); p != nil && p.Version >= version {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			have := "none"
+			if p := client.Policy(); p != nil {
+				have = fmt.Sprintf("version %d", p.Version)
+			}
+			return fmt.Errorf("waitstatetest: waiting for policy version %d (the client has %s): %w", version, have, ctx.Err())
+		case <-t.C:
+		}
+	}
+}
 
 func randomHex() string {
 	var b [8]byte
