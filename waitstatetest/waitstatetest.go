@@ -60,6 +60,7 @@ func NewServer() *Server {
 	s.URL = s.cp.URL
 	s.cp.AddKey(s.publishKey, s.secretKey)
 	s.cp.SetRuleWindow(RuleWindow)
+	s.cp.SetLogLimit(LogLimit)
 	s.SetPolicy("", DefaultPolicy())
 	return s
 }
@@ -150,7 +151,9 @@ func (s *Server) SetRules(site string, rules ...Rule) error {
 // the one the site's clients were pulsing at when the incident began), but
 // at least 250 ms and never more than the normal one. Once every rule has
 // cleared, clients are told the normal interval again.
-func (s *Server) SetIncidentPulseInterval(site string, d time.Duration) { s.cp.SetIncidentPulseInterval(site, d) }
+func (s *Server) SetIncidentPulseInterval(site string, d time.Duration) {
+	s.cp.SetIncidentPulseInterval(site, d)
+}
 
 // SetRuleWindow changes how far back the rules look.
 func (s *Server) SetRuleWindow(d time.Duration) { s.cp.SetRuleWindow(d) }
@@ -206,7 +209,7 @@ func (s *Server) Requests() []Request { return convert(s.cp.Requests(), requestF
 
 // LogLimit is how many pulses, requests and events a Server keeps for
 // Pulses, Requests and Events; Totals count every pulse regardless.
-const LogLimit = controlplane.DefaultLogLimit
+const LogLimit = 10_000
 
 // WaitForPolicy waits until client enforces a policy of at least version,
 // or ctx ends. It is how a test waits for a SetPolicy, or a rule's firing,
