@@ -38,6 +38,7 @@ func TestFleetSimulation(t *testing.T) {
 		workers  = 8
 	)
 	cp := newPlane(t)
+	cp.SetLogLimit(100_000) // every pulse of the run, to check each client's counts
 	cp.SetPolicy("", controlplane.Policy{Version: 1, GlobalMaxWeight: 5, TagMaxWeights: map[string]float64{"t0": 0}})
 
 	fleet := make([]*Client, clients)
