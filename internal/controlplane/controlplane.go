@@ -613,15 +613,17 @@ func (st *siteState) evaluate(cfg *resolved, now time.Time) []Event {
 			scopes[r.MetricTag] = m
 		}
 		if changed, v := rs.step(r, m, now); changed {
-			st.bumps++
 			events = append(events, Event{At: now, Rule: r.Name, Fired: rs.firing, Value: v})
 		}
+	}
+	if len(events) > 0 {
+		st.bumps++ // one policy change per step, however many rules changed in it
 	}
 	for i := range events {
 		events[i].Version = st.version(cfg)
 	}
 	if !wasFiring && st.normal == 0 && st.anyFiring(cfg) {
-		st.normal = st.window.meanWindow(now)
+		st.normal = st.window.meanWindow(now).Round(10 * time.Millisecond)
 	}
 	return events
 }

@@ -54,7 +54,7 @@ func (t *tenant) site(name string) *siteState {
 // field; no pulse of another site waits on it.
 type siteState struct {
 	mu        sync.Mutex
-	bumps     int64                 // policy changes made by its rules
+	bumps     int64                 // policy changes made by its rules: one per evaluation step that changed any
 	firing    map[string]*ruleState // by rule name
 	evaluated time.Time             // when its rules were last stepped
 	window    aggWindow             // what its rules read
