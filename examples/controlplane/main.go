@@ -5,8 +5,9 @@
 //
 //	go run ./examples/controlplane -rules examples/controlplane/rules.json
 //
-// It accepts the key pair in WAITSTATE_PUBLISH_KEY and WAITSTATE_SECRET_KEY
-// (never as flags: those show in ps), and prints only the publish key and
+// It accepts the key pair in WAITSTATE_PUBLISH_KEY and WAITSTATE_SECRET_KEY,
+// or the secret in a file named by -secret-key-file (never the secret
+// itself as a flag: flags show in ps), and prints only the publish key and
 // URL for the services; without them it generates a pair and prints both,
 // since no one else knows that secret. It is a development tool: it keeps
 // its state in memory, listens on loopback unless -addr says otherwise, and
@@ -32,7 +33,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
-	"sort"
+	"strings"
 	"syscall"
 	"time"
 
@@ -48,16 +49,42 @@ func main() {
 		lease      = flag.Duration("lease", 0, "lease of every answer (default: the clients' own, 3 × their longer interval)")
 		window     = flag.Duration("rule-window", controlplane.DefaultRuleWindow, "how far back the rules look")
 		every      = flag.Duration("status", 5*time.Second, "how often to print the fleet's figures")
+		secretFile = flag.String("secret-key-file", "", "file holding the secret key (instead of "+waitstate.EnvSecretKey+")")
 	)
 	flag.Parse()
-	if err := run(*addr, *rulesFile, *policyFile, os.Getenv(waitstate.EnvPublishKey), os.Getenv(waitstate.EnvSecretKey), *lease, *window, *every); err != nil {
+	secret, err := secretKey(*secretFile)
+	if err != nil {
+		log.Fatal(err)
+	}
+	if err := run(*addr, *rulesFile, *policyFile, os.Getenv(waitstate.EnvPublishKey), secret, *lease, *window, *every); err != nil {
 		log.Fatal(err)
 	}
 }
 
+// secretKey returns the secret key from file, or else from the
+// environment. An error never shows the secret.
+func secretKey(file string) (string, error) {
+	env := os.Getenv(waitstate.EnvSecretKey)
+	if file == "" {
+		return env, nil
+	}
+	if env != "" {
+		return "", fmt.Errorf("set %s or -secret-key-file, not both", waitstate.EnvSecretKey)
+	}
+	data, err := os.ReadFile(file)
+	if err != nil {
+		return "", fmt.Errorf("secret key file: %w", err)
+	}
+	secret := strings.TrimSpace(string(data))
+	if secret == "" || strings.ContainsAny(secret, " \t\r\n") {
+		return "", fmt.Errorf("secret key file %s: want one key on one line", file)
+	}
+	return secret, nil
+}
+
 func run(addr, rulesFile, policyFile, publishKey, secretKey string, lease, window, every time.Duration) error {
 	if (publishKey == "") != (secretKey == "") {
-		return fmt.Errorf("set both %s and %s, or neither", waitstate.EnvPublishKey, waitstate.EnvSecretKey)
+		return fmt.Errorf("set both %s and the secret key (%s or -secret-key-file), or neither", waitstate.EnvPublishKey, waitstate.EnvSecretKey)
 	}
 	generated := publishKey == ""
 	if generated {
@@ -156,16 +183,7 @@ func run(addr, rulesFile, policyFile, publishKey, secretKey string, lease, windo
 
 // status prints each site's figures over the rule window.
 func status(cp *controlplane.Server) {
-	sites := map[string]bool{}
-	for _, p := range cp.Pulses() {
-		sites[p.Site] = true
-	}
-	names := make([]string, 0, len(sites))
-	for s := range sites {
-		names = append(names, s)
-	}
-	sort.Strings(names)
-	for _, site := range names {
+	for _, site := range cp.Sites() {
 		m := cp.Metrics(site)
 		p, _ := cp.Policy(site)
 		fmt.Printf("%s site %q: %d instances, %.0f calls/s, p95 %.0f ms, errors %.1f %%, policy v%d\n",

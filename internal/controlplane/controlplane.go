@@ -508,6 +508,14 @@ func (s *Server) TotalsOf(key, site string) Totals {
 	return t
 }
 
+// Sites returns the sites that pulsed under the first key added, sorted.
+func (s *Server) Sites() []string {
+	t := s.tenant(s.primaryKey())
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return slices.Sorted(maps.Keys(t.sites))
+}
+
 // Metrics returns site's figures over the rule window, under the first key
 // added.
 func (s *Server) Metrics(site string) Metrics { return s.MetricsOf(s.primaryKey(), site, "") }
