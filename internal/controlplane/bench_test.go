@@ -45,13 +45,25 @@ func fleetPulse(r *rand.Rand, i int, seq uint64, tags int) []byte {
 // sign the answer. Each pulse has tags tags, each with health and a
 // histogram, and site-wide health. The requests are built and signed
 // outside the timer; the handler is called directly, with no network.
+// With logs off, as a long-running control plane would be; logged, every
+// pulse is decoded whole and kept, and every request is copied.
 func BenchmarkPulse(b *testing.B) {
-	for _, tags := range []int{10, 100} {
-		b.Run(fmt.Sprintf("tags=%d", tags), func(b *testing.B) {
+	for _, c := range []struct {
+		tags int
+		logs bool
+	}{{10, false}, {100, false}, {10, true}} {
+		name := fmt.Sprintf("tags=%d", c.tags)
+		if c.logs {
+			name += "/logged"
+		}
+		tags := c.tags
+		b.Run(name, func(b *testing.B) {
 			s := NewUnstarted()
 			defer s.Close()
 			s.AddKey("pk", "sk")
-			s.SetLogLimit(0)
+			if !c.logs {
+				s.SetLogLimit(0)
+			}
 			s.SetPolicy("", Policy{Version: 1, GlobalMaxWeight: 5})
 			if err := s.SetRules("", Rule{Name: "protect", MetricTag: "tenant-0", Metric: MetricLatencyP95, Operator: ">", Threshold: 1e6,
 				TagName: "tenant-1", Action: ActionBlock, CooldownSeconds: 5}); err != nil {
@@ -93,24 +105,29 @@ func BenchmarkPulse(b *testing.B) {
 	}
 }
 
-// BenchmarkEvaluate is one evaluation of a site's rules over a window of
-// 1,000 pulses with health and histograms (a fleet of 1,000 instances
-// pulsing once per window), the latency quantiles included.
+// BenchmarkEvaluate is one evaluation of a site's rules over a window
+// holding 1,000 or 50,000 pulses, with health and histograms, from 1,000
+// instances: the aggregates the rules read are as large either way.
 func BenchmarkEvaluate(b *testing.B) {
-	var pulses []*Pulse
-	r := rand.New(rand.NewPCG(1, 2))
-	for i := range 1000 {
-		us := make([]uint64, 50+i%100)
-		for j := range us {
-			us[j] = uint64(10_000 * math.Exp(0.6*r.NormFloat64()))
-		}
-		pulses = append(pulses, &Pulse{PulseBody: wire.PulseBody{InstanceID: strconv.Itoa(i), UsageDelta: 100, Health: instanceHealth(us)}})
-	}
-	w := windowOf(pulses)
-	rule := Rule{Name: "p95", TagName: "free", Metric: MetricLatencyP95, Operator: "gt", Threshold: 200, CooldownSeconds: 5}
-	var st ruleState
-	b.ReportAllocs()
-	for b.Loop() {
-		st.step(rule, w.metrics(testNow, time.Second, ""), testNow)
+	for _, n := range []int{1000, 50_000} {
+		b.Run(fmt.Sprintf("pulses=%d", n), func(b *testing.B) {
+			r := rand.New(rand.NewPCG(1, 2))
+			var w aggWindow
+			w.reset(time.Second / windowSlots)
+			for i := range n {
+				us := make([]uint64, 50+i%100)
+				for j := range us {
+					us[j] = uint64(10_000 * math.Exp(0.6*r.NormFloat64()))
+				}
+				p := &Pulse{PulseBody: wire.PulseBody{InstanceID: strconv.Itoa(i % 1000), UsageDelta: 100, Health: instanceHealth(us)}}
+				w.add(p, testNow.Add(-time.Duration(i%windowSlots)*w.width), nil)
+			}
+			rule := Rule{Name: "p95", TagName: "free", Metric: MetricLatencyP95, Operator: "gt", Threshold: 200, CooldownSeconds: 5}
+			var st ruleState
+			b.ReportAllocs()
+			for b.Loop() {
+				st.step(rule, w.metrics(testNow, time.Second, ""), testNow)
+			}
+		})
 	}
 }
