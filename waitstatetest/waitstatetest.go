@@ -98,7 +98,10 @@ func (s *Server) String() string {
 // Format prints s as String does, whatever the verb.
 func (s *Server) Format(f fmt.State, verb rune) { _, _ = f.Write([]byte(s.String())) }
 
-// AddKey makes another key pair known, for clients of other keys.
+// AddKey makes another key pair known, for clients of other keys. Each key
+// keeps books of its own, as a real control plane does: its clients' counts,
+// rule state and policy versions never mix with another key's, and Totals,
+// Metrics and Policy report on the key of Options.
 func (s *Server) AddKey(publishKey, secretKey string) { s.cp.AddKey(publishKey, secretKey) }
 
 // SetPolicy sets the base policy of site; "" is the default for sites
