@@ -215,18 +215,24 @@ func (a *agg) add(calls uint64, h *Health, custom map[string]MetricAgg) {
 		if m.Count == 0 {
 			continue
 		}
-		if a.custom == nil {
-			a.custom = map[string]MetricAgg{}
-		}
-		sum, ok := a.custom[name]
-		if !ok {
-			if len(a.custom) >= maxCustomMetrics {
-				continue
-			}
-			sum = MetricAgg{Min: math.Inf(1), Max: math.Inf(-1)}
-		}
-		a.custom[name] = MetricAgg{Count: sum.Count + m.Count, Sum: sum.Sum + m.Sum, Min: min(sum.Min, m.Min), Max: max(sum.Max, m.Max)}
+		a.addMetric(name, m)
 	}
+}
+
+// addMetric adds m to the scope's sums of the custom metric name; beyond
+// maxCustomMetrics names, a new name is dropped.
+func (a *agg) addMetric(name string, m MetricAgg) {
+	if a.custom == nil {
+		a.custom = map[string]MetricAgg{}
+	}
+	sum, ok := a.custom[name]
+	if !ok {
+		if len(a.custom) >= maxCustomMetrics {
+			return
+		}
+		sum = MetricAgg{Min: math.Inf(1), Max: math.Inf(-1)}
+	}
+	a.custom[name] = MetricAgg{Count: sum.Count + m.Count, Sum: sum.Sum + m.Sum, Min: min(sum.Min, m.Min), Max: max(sum.Max, m.Max)}
 }
 
 // histogramOf parses a health's histogram: bucket indexes and their counts.
@@ -310,14 +316,7 @@ func (a *agg) merge(b *agg) {
 	}
 	a.legacy = append(a.legacy, b.legacy...)
 	for name, m := range b.custom {
-		if a.custom == nil {
-			a.custom = map[string]MetricAgg{}
-		}
-		sum, ok := a.custom[name]
-		if !ok {
-			sum = MetricAgg{Min: math.Inf(1), Max: math.Inf(-1)}
-		}
-		a.custom[name] = MetricAgg{Count: sum.Count + m.Count, Sum: sum.Sum + m.Sum, Min: min(sum.Min, m.Min), Max: max(sum.Max, m.Max)}
+		a.addMetric(name, m)
 	}
 }
 
