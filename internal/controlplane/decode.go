@@ -125,29 +125,13 @@ func (d *decoder) object(member func(name []byte)) {
 // mapObject calls member for each member of an object read as a map. A
 // key seen twice is refused (encoding/json keeps the later value).
 func (d *decoder) mapObject(has func(key []byte) bool, member func(key []byte)) {
-	d.expect('{')
-	if d.peek() == '}' {
-		d.i++
-		return
-	}
-	for d.err == nil {
-		key := d.str()
+	d.object(func(key []byte) {
 		if has(key) {
 			d.fail("key named twice")
 			return
 		}
-		d.expect(':')
 		member(key)
-		switch d.peek() {
-		case ',':
-			d.i++
-		case '}':
-			d.i++
-			return
-		default:
-			d.fail("expected , or }")
-		}
-	}
+	})
 }
 
 // str reads a string and returns its bytes, unescaped.
@@ -393,25 +377,7 @@ func (d *decoder) skip() {
 	}
 	switch d.peek() {
 	case '{':
-		d.i++
-		if d.peek() == '}' {
-			d.i++
-			return
-		}
-		for d.err == nil {
-			d.str()
-			d.expect(':')
-			d.skip()
-			switch d.peek() {
-			case ',':
-				d.i++
-			case '}':
-				d.i++
-				return
-			default:
-				d.fail("expected , or }")
-			}
-		}
+		d.object(func([]byte) { d.skip() })
 	case '[':
 		d.i++
 		if d.peek() == ']' {
