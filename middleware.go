@@ -1,8 +1,11 @@
 package waitstate
 
 import (
+	"bufio"
 	"context"
+	"io"
 	"math"
+	"net"
 	"net/http"
 	"strconv"
 	"time"
@@ -21,6 +24,10 @@ type MiddlewareOptions struct {
 	// {"error":"rate_limited","reason":"<reason>"}. It can read the
 	// decision with ResultFromContext.
 	Denied http.Handler
+
+	// Skip, if set, lets the requests it returns true for through ungated
+	// and unmeasured, such as health checks and metrics scrapes.
+	Skip func(*http.Request) bool
 }
 
 type resultKey struct{}
@@ -32,14 +39,48 @@ func ResultFromContext(ctx context.Context) (GateResult, bool) {
 	return r, ok
 }
 
+// gated is what the middleware allocates for one request, once: the
+// request's context, which also answers ResultFromContext, and the writer
+// that records the status.
+type gated struct {
+	resultContext
+	sw statusWriter
+}
+
+// resultContext is a request's context with its Gate decision.
+type resultContext struct {
+	context.Context
+	res GateResult
+}
+
+// Value answers ResultFromContext's key, and passes any other to the
+// parent.
+func (c *resultContext) Value(key any) any {
+	if key == (resultKey{}) {
+		return c.res
+	}
+	return c.Context.Value(key)
+}
+
 // HTTPMiddleware returns middleware that gates each request before the next
 // handler runs. A denied request goes to opts.Denied; an allowed one is
 // served and recorded as one health sample of its tag's traffic
 // (ObserveTag): its latency, failed when the status is 5xx or the handler
-// panics. A panic is re-raised once it is recorded.
+// panics. A panic is re-raised once it is recorded. Requests opts.Skip
+// returns true for pass through untouched.
+//
+// The handler's ResponseWriter has exactly the optional interfaces of the
+// one the middleware received — http.Flusher, http.Hijacker (websockets,
+// proxies), io.ReaderFrom (sendfile), http.Pusher — and Unwrap, for
+// http.ResponseController. An allowed request costs two allocations: its
+// context and writer, and the request copy that carries them.
 func (c *Client) HTTPMiddleware(opts MiddlewareOptions) func(http.Handler) http.Handler {
 	return func(next http.Handler) http.Handler {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if opts.Skip != nil && opts.Skip(r) {
+				next.ServeHTTP(w, r)
+				return
+			}
 			tag, weight := "", 1.0
 			if opts.Tag != nil {
 				tag = opts.Tag(r)
@@ -47,26 +88,26 @@ func (c *Client) HTTPMiddleware(opts MiddlewareOptions) func(http.Handler) http.
 			if opts.Weight != nil {
 				weight = opts.Weight(r)
 			}
-			res := c.Gate(tag, weight)
-			r = r.WithContext(context.WithValue(r.Context(), resultKey{}, res))
-			if !res.Allowed {
+			g := &gated{resultContext: resultContext{Context: r.Context(), res: c.Gate(tag, weight)}}
+			r = r.WithContext(&g.resultContext)
+			if !g.res.Allowed {
 				if opts.Denied != nil {
 					opts.Denied.ServeHTTP(w, r)
 				} else {
-					c.deny(w, res)
+					c.deny(w, g.res)
 				}
 				return
 			}
-			sw := &statusWriter{ResponseWriter: w}
+			g.sw.ResponseWriter = w
 			start := time.Now()
 			defer func() {
 				p := recover()
-				c.ObserveTag(tag, time.Since(start), p != nil || sw.status >= 500)
+				c.ObserveTag(tag, time.Since(start), p != nil || g.sw.status >= 500)
 				if p != nil {
 					panic(p)
 				}
 			}()
-			next.ServeHTTP(sw, r)
+			next.ServeHTTP(wrapWriter(&g.sw), r)
 		})
 	}
 }
@@ -86,7 +127,8 @@ func (c *Client) deny(w http.ResponseWriter, res GateResult) {
 	_, _ = w.Write([]byte(`{"error":"rate_limited","reason":"` + res.Reason.String() + `"}`))
 }
 
-// statusWriter remembers the status a handler wrote.
+// statusWriter remembers the status a handler wrote. Its optional
+// interfaces are added by wrapWriter, as the writer it wraps has them.
 type statusWriter struct {
 	http.ResponseWriter
 	status int
@@ -102,19 +144,34 @@ func (w *statusWriter) WriteHeader(code int) {
 
 // Write records an implicit 200 and passes the bytes on.
 func (w *statusWriter) Write(b []byte) (int, error) {
-	if w.status == 0 {
-		w.status = http.StatusOK
-	}
+	w.implicitOK()
 	return w.ResponseWriter.Write(b)
-}
-
-// Flush passes a flush through, for streaming handlers.
-func (w *statusWriter) Flush() {
-	if w.status == 0 {
-		w.status = http.StatusOK
-	}
-	_ = http.NewResponseController(w.ResponseWriter).Flush()
 }
 
 // Unwrap lets http.ResponseController reach the underlying writer.
 func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// implicitOK records the 200 that writing a body before a status sends.
+func (w *statusWriter) implicitOK() {
+	if w.status == 0 {
+		w.status = http.StatusOK
+	}
+}
+
+func (w *statusWriter) flush() {
+	w.implicitOK()
+	w.ResponseWriter.(http.Flusher).Flush()
+}
+
+func (w *statusWriter) hijack() (net.Conn, *bufio.ReadWriter, error) {
+	return w.ResponseWriter.(http.Hijacker).Hijack()
+}
+
+func (w *statusWriter) readFrom(r io.Reader) (int64, error) {
+	w.implicitOK()
+	return w.ResponseWriter.(io.ReaderFrom).ReadFrom(r)
+}
+
+func (w *statusWriter) push(target string, opts *http.PushOptions) error {
+	return w.ResponseWriter.(http.Pusher).Push(target, opts)
+}
