@@ -235,7 +235,9 @@ func TestChaosCallbackPanics(t *testing.T) {
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	for g := range 8 {
-		wg.Go(func() {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
 			client := srv.Client()
 			for i := range 150 {
 				kind := []string{"", "tag", "weight", "denied", ""}[(i+g)%5]
@@ -256,7 +258,7 @@ func TestChaosCallbackPanics(t *testing.T) {
 				}
 				mu.Unlock()
 			}
-		})
+		}()
 	}
 	wg.Wait()
 	s := c.Stats()

@@ -53,11 +53,13 @@ func TestWindowConcurrentRegistration(t *testing.T) {
 	p := DefaultPolicy()
 	var wg sync.WaitGroup
 	for g := range 8 {
-		wg.Go(func() {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
 			for i := range 2000 {
 				w.lookup(fmt.Sprint(i), p).add(g%2 == 0)
 			}
-		})
+		}()
 	}
 	wg.Wait()
 	got := w.report()

@@ -57,7 +57,9 @@ func TestFleetSimulation(t *testing.T) {
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	for w := range workers {
-		wg.Go(func() {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
 			for {
 				select {
 				case <-stop:
@@ -74,7 +76,7 @@ func TestFleetSimulation(t *testing.T) {
 				}
 				time.Sleep(5 * time.Millisecond)
 			}
-		})
+		}()
 	}
 	start, cpu0 := time.Now(), cpuTime()
 	time.Sleep(runFor)
@@ -84,11 +86,13 @@ func TestFleetSimulation(t *testing.T) {
 
 	var sg sync.WaitGroup
 	for _, c := range fleet {
-		sg.Go(func() {
+		sg.Add(1)
+		go func() {
+			defer sg.Done()
 			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 			defer cancel()
 			assert.NoError(t, c.Shutdown(ctx))
-		})
+		}()
 	}
 	sg.Wait()
 

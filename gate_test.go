@@ -125,7 +125,9 @@ func TestCountExactAcrossCuts(t *testing.T) {
 	local := make([]map[string]tagCount, 8)
 	for g := range local {
 		local[g] = map[string]tagCount{}
-		wg.Go(func() {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
 			for i := 0; !stop.Load(); i++ {
 				tag := tags[(i+g)%len(tags)]
 				r := c.Gate(tag, float64(i%8))
@@ -137,7 +139,7 @@ func TestCountExactAcrossCuts(t *testing.T) {
 				}
 				local[g][tag] = tc
 			}
-		})
+		}()
 	}
 	var pulses []pulseJSON
 	cutOne := func(final bool) {

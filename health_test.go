@@ -39,7 +39,9 @@ func TestHealthExactAcrossCuts(t *testing.T) {
 	local := make([]map[string]sampleCount, 6)
 	for g := range local {
 		local[g] = map[string]sampleCount{}
-		wg.Go(func() {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
 			r := rand.New(rand.NewPCG(uint64(g), 1))
 			for i := 0; !stop.Load(); i++ {
 				if i%32 == 0 {
@@ -55,7 +57,7 @@ func TestHealthExactAcrossCuts(t *testing.T) {
 				}
 				local[g][tag] = sc
 			}
-		})
+		}()
 	}
 	// Cut as fast as possible until 100 windows have carried samples: the
 	// observers must run between cuts, however loaded the machine.
@@ -211,14 +213,16 @@ func TestRecordExactAcrossCuts(t *testing.T) {
 	var wg sync.WaitGroup
 	var recorded [4]uint64
 	for g := range recorded {
-		wg.Go(func() {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
 			for !stop.Load() {
 				c.Record([]string{"", "a", "b"}[recorded[g]%3], "depth", 1)
 				if recorded[g]++; recorded[g]%32 == 0 {
 					time.Sleep(20 * time.Microsecond)
 				}
 			}
-		})
+		}()
 	}
 	var count, sum float64
 	add := func(p pulseJSON) {

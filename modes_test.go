@@ -64,7 +64,9 @@ func TestShedConcurrent(t *testing.T) {
 	var shed, passed atomic.Uint64
 	var wg sync.WaitGroup
 	for range 4 {
-		wg.Go(func() {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
 			for range 20000 {
 				r := c.Gate("pro", 1)
 				passed.Add(1)
@@ -72,7 +74,7 @@ func TestShedConcurrent(t *testing.T) {
 					shed.Add(1)
 				}
 			}
-		})
+		}()
 	}
 	wg.Wait()
 	exact := float64(passed.Load()) * 0.3

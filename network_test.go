@@ -164,7 +164,9 @@ func gateFor(c *Client, stop <-chan struct{}) func() (usage, bounced uint64, tag
 	local := make([]map[string]controlplane.TagCount, 8)
 	for g := range local {
 		local[g] = map[string]controlplane.TagCount{}
-		wg.Go(func() {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
 			for i := 0; ; i++ {
 				select {
 				case <-stop:
@@ -183,7 +185,7 @@ func gateFor(c *Client, stop <-chan struct{}) func() (usage, bounced uint64, tag
 					time.Sleep(50 * time.Microsecond) // leave the loops some CPU
 				}
 			}
-		})
+		}()
 	}
 	return func() (uint64, uint64, map[string]controlplane.TagCount) {
 		wg.Wait()

@@ -62,7 +62,9 @@ func TestReactionTime(t *testing.T) {
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	for w := range 4 {
-		wg.Go(func() {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
 			for {
 				select {
 				case <-stop:
@@ -77,7 +79,7 @@ func TestReactionTime(t *testing.T) {
 					fleet[i].ObserveTag("enterprise", latency, false)
 				}
 			}
-		})
+		}()
 	}
 	defer func() { close(stop); wg.Wait() }()
 

@@ -44,7 +44,9 @@ func start(t *testing.T, srv *waitstatetest.Server, site string) *waitstate.Clie
 // stop is closed.
 func observeUntil(c *waitstate.Client, latency time.Duration, stop <-chan struct{}) *sync.WaitGroup {
 	var wg sync.WaitGroup
-	wg.Go(func() {
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
 		for {
 			select {
 			case <-stop:
@@ -54,7 +56,7 @@ func observeUntil(c *waitstate.Client, latency time.Duration, stop <-chan struct
 			c.Observe(latency, false)
 			time.Sleep(time.Millisecond)
 		}
-	})
+	}()
 	return &wg
 }
 
@@ -176,7 +178,9 @@ func TestFleetAggregatesInstances(t *testing.T) {
 	var mu sync.Mutex
 	for i := range 3 {
 		c := start(t, srv, "eu-1")
-		wg.Go(func() {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
 			local := map[string]waitstatetest.TagCount{}
 			for j := range 2000 + 500*i {
 				tag := []string{"free", "pro", "enterprise"}[j%3]
@@ -198,7 +202,7 @@ func TestFleetAggregatesInstances(t *testing.T) {
 				w := want[tag]
 				want[tag] = waitstatetest.TagCount{Usage: w.Usage + tc.Usage, Bounced: w.Bounced + tc.Bounced}
 			}
-		})
+		}()
 	}
 	wg.Wait()
 	got := srv.Totals("eu-1")
@@ -252,7 +256,9 @@ func TestRulesProtectATier(t *testing.T) {
 	var slow atomic.Bool
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
-	wg.Go(func() {
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
 		for {
 			select {
 			case <-stop:
@@ -269,7 +275,7 @@ func TestRulesProtectATier(t *testing.T) {
 			}
 			time.Sleep(time.Millisecond)
 		}
-	})
+	}()
 	defer func() { close(stop); wg.Wait() }()
 
 	time.Sleep(3 * waitstatetest.PulseInterval)

@@ -30,7 +30,9 @@ func TestIncidentCadenceReachesClients(t *testing.T) {
 	var slow atomic.Bool
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
-	wg.Go(func() {
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
 		for {
 			select {
 			case <-stop:
@@ -43,7 +45,7 @@ func TestIncidentCadenceReachesClients(t *testing.T) {
 			}
 			c.ObserveTag("enterprise", latency, false)
 		}
-	})
+	}()
 	defer func() { close(stop); wg.Wait() }()
 
 	slow.Store(true)

@@ -305,7 +305,9 @@ func (s *simulation) request(tt tagTraffic) bool {
 	}
 	c.allowed++
 	latency := s.latency()
-	s.work.Go(func() {
+	s.work.Add(1)
+	go func() {
+		defer s.work.Done()
 		timer := client.StartTimer(tt.name)
 		time.Sleep(latency) // the backend call
 		d := timer.Stop(false)
@@ -314,7 +316,7 @@ func (s *simulation) request(tt tagTraffic) bool {
 			s.entMs = append(s.entMs, float64(d)/float64(time.Millisecond))
 			s.mu.Unlock()
 		}
-	})
+	}()
 	return true
 }
 

@@ -453,7 +453,9 @@ func TestConcurrentSites(t *testing.T) {
 	require.NoError(t, s.SetRules("", Rule{Name: "r", MetricTag: "free", Metric: MetricRPS, Operator: ">", Threshold: 1e9, TagName: "free", Action: ActionBlock}))
 	var wg sync.WaitGroup
 	for g := range 8 {
-		wg.Go(func() {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
 			key, secret := "pk", "sk"
 			if g%2 == 1 {
 				key, secret = "pk2", "sk2"
@@ -464,7 +466,7 @@ func TestConcurrentSites(t *testing.T) {
 			for seq := uint64(1); seq <= 50; seq++ {
 				serve(s, signed("POST", wire.PathPulse, secret, id, pulseJSON(inst, site, seq, 2, int64(seq))))
 			}
-		})
+		}()
 	}
 	wg.Wait()
 	var usage uint64

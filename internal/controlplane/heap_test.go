@@ -96,7 +96,9 @@ func (f *fleet) send(t *testing.T, s *Server, n int) {
 	var wg sync.WaitGroup
 	failed := make(chan int, 1)
 	for range 2 {
-		wg.Go(func() {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
 			for req := range jobs {
 				rec := httptest.NewRecorder()
 				h.ServeHTTP(rec, req)
@@ -107,7 +109,7 @@ func (f *fleet) send(t *testing.T, s *Server, n int) {
 					}
 				}
 			}
-		})
+		}()
 	}
 	for range n {
 		i := f.next % len(f.bodies)
