@@ -88,6 +88,26 @@
 // github.com/golang-jwt/jwt/v5. The secret key is never sent, logged or put
 // in an error, and values that hold it print it as [REDACTED].
 //
+// # Glossary
+//
+//   - Allowed, denied: what Gate answers. On the wire, and in Stats and the
+//     control plane's totals, allowed calls are "usage" and denied calls
+//     "bounced".
+//   - Tag: the class of traffic a call belongs to, such as a plan or a
+//     tenant tier; limits, shedding and health are per tag.
+//   - Weight: what a call costs; a weight limit denies calls heavier than it.
+//   - Shed: denied by a policy's shed percent for its tag, evenly (1 of 2
+//     at 50 %). A shed call's reason is [ReasonThrottled].
+//   - Throttled: a tag whose shed percent is between 0 and 100, or a call
+//     shed by one.
+//   - Blocked: a tag shed at 100 %: every call denied.
+//   - Pulse: a window's counts, health and metrics, sent to the control
+//     plane; sync: the fetch of the current policy.
+//   - Lease: how long a policy holds without a successful pulse or sync;
+//     past it, the client is in safe mode.
+//   - Shadow: a dry run; every call is allowed and the ones the policy
+//     would deny are counted as denied.
+//
 // # Testing
 //
 // Package waitstatetest starts the project's reference control plane on

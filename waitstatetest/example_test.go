@@ -56,3 +56,36 @@ func Example() {
 	// pro: allowed
 	// control plane counted: usage 1, bounced 1; free 0/1, pro 1/0
 }
+
+// A rule watches one tier's own latency and acts on another: while
+// enterprise's p95 is above 300 ms, free is blocked.
+func ExampleServer_SetRules() {
+	srv := waitstatetest.NewServer()
+	defer srv.Close()
+	err := srv.SetRules("", waitstatetest.Rule{
+		Name: "protect-enterprise", MetricTag: "enterprise", Metric: waitstatetest.MetricLatencyP95,
+		Operator: ">", Threshold: 300, TagName: "free", Action: waitstatetest.ActionBlock, CooldownSeconds: 60,
+	})
+	if err != nil {
+		panic(err)
+	}
+	client, err := waitstate.New(srv.Options())
+	if err != nil {
+		panic(err)
+	}
+	defer client.Close()
+
+	for range 20 {
+		client.ObserveTag("enterprise", 800*time.Millisecond, false) // enterprise is slow
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := waitstatetest.WaitForPolicy(ctx, client, 2); err != nil { // the version the rule's firing makes
+		panic(err)
+	}
+	fmt.Println("free:", client.Gate("free", 1).Reason)
+	fmt.Println("enterprise:", client.Gate("enterprise", 1).Reason)
+	// Output:
+	// free: throttled
+	// enterprise: allowed
+}
