@@ -130,10 +130,36 @@ type tagCounter struct {
 // counterStripes is how many cache lines a tag's counts are spread over.
 const counterStripes = 8 // 1 << 3, as stripeHint assumes
 
+// stripe counts calls by the Reason Gate gave: allowed and denied, and
+// why, in one cache line.
 type stripe struct {
-	usage   atomic.Uint64
-	bounced atomic.Uint64
-	_       [48]byte
+	byReason [numReasons]atomic.Uint64
+	_        [64 - 8*numReasons]byte
+}
+
+// numReasons is how many Reasons there are.
+const numReasons = len(reasonNames)
+
+// reasonCounts are calls counted by Reason.
+type reasonCounts [numReasons]uint64
+
+// split returns the calls allowed and denied.
+func (rc *reasonCounts) split() (usage, bounced uint64) {
+	for r, n := range rc {
+		if Reason(r).allows() {
+			usage += n
+		} else {
+			bounced += n
+		}
+	}
+	return usage, bounced
+}
+
+// addAll adds o's counts to rc.
+func (rc *reasonCounts) addAll(o *reasonCounts) {
+	for r, n := range o {
+		rc[r] += n
+	}
 }
 
 // stripeHint picks a stripe for the calling goroutine from the address of
@@ -149,39 +175,32 @@ func stripeHint() uintptr {
 	return uintptr(uint64(uintptr(unsafe.Pointer(&b))>>10) * 0x9E3779B97F4A7C15 >> (64 - 3))
 }
 
-// add counts one call. It reports false when the window had already been
-// cut, in which case nothing was counted here.
-func (t *tagCounter) add(allowed bool) bool {
-	s := &t.stripes[stripeHint()]
-	var n uint64
-	if allowed {
-		n = s.usage.Add(1)
-	} else {
-		n = s.bounced.Add(1)
-	}
-	return n&sealBit == 0
+// add counts one call that Gate answered for reason. It reports false when
+// the window had already been cut, in which case nothing was counted here.
+func (t *tagCounter) add(reason Reason) bool {
+	return t.stripes[stripeHint()].byReason[reason].Add(1)&sealBit == 0
 }
 
 // seal freezes the counter and returns its final counts.
-func (t *tagCounter) seal() tagCount {
-	var tc tagCount
+func (t *tagCounter) seal() reasonCounts {
+	var rc reasonCounts
 	for i := range t.stripes {
-		s := &t.stripes[i]
-		tc.Usage += s.usage.Or(sealBit) &^ sealBit
-		tc.Bounced += s.bounced.Or(sealBit) &^ sealBit
+		for r := range rc {
+			rc[r] += t.stripes[i].byReason[r].Or(sealBit) &^ sealBit
+		}
 	}
-	return tc
+	return rc
 }
 
 // peek returns the counts so far without freezing them.
-func (t *tagCounter) peek() tagCount {
-	var tc tagCount
+func (t *tagCounter) peek() reasonCounts {
+	var rc reasonCounts
 	for i := range t.stripes {
-		s := &t.stripes[i]
-		tc.Usage += s.usage.Load() &^ sealBit
-		tc.Bounced += s.bounced.Load() &^ sealBit
+		for r := range rc {
+			rc[r] += t.stripes[i].byReason[r].Load() &^ sealBit
+		}
 	}
-	return tc
+	return rc
 }
 
 // lookup returns the counter to count tag in: its own, registered on first
@@ -435,6 +454,7 @@ func (w *window) extra(tag string, p *Policy) *tagCounter {
 // windowCounts is what a window counted.
 type windowCounts struct {
 	usage, bounced uint64
+	reasons        reasonCounts
 	tags           map[string]tagCount
 }
 
@@ -446,10 +466,12 @@ func (w *window) peek() windowCounts {
 		if c == &w.site {
 			continue // samples only: Gate never counts here
 		}
-		tc := c.peek()
-		if tc.Usage == 0 && tc.Bounced == 0 {
+		rc := c.peek()
+		var tc tagCount
+		if tc.Usage, tc.Bounced = rc.split(); tc.Usage == 0 && tc.Bounced == 0 {
 			continue
 		}
+		wc.reasons.addAll(&rc)
 		wc.usage += tc.Usage
 		wc.bounced += tc.Bounced
 		wc.tags[c.tag] = tc
@@ -473,7 +495,10 @@ func (w *window) report() windowReport {
 	r := windowReport{windowCounts: windowCounts{tags: make(map[string]tagCount, w.n.Load()+1)}}
 	var site, one healthSum
 	for _, c := range w.counters(true) {
-		tc := c.seal()
+		rc := c.seal()
+		var tc tagCount
+		tc.Usage, tc.Bounced = rc.split()
+		r.reasons.addAll(&rc)
 		if h := c.health.Load(); h != nil {
 			one = healthSum{}
 			one.add(h)

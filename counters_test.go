@@ -17,10 +17,10 @@ func TestWindowTagCap(t *testing.T) {
 	w := newWindow(42, 0)
 	p := DefaultPolicy()
 	for i := range MaxWindowTags + 300 {
-		require.True(t, w.lookup(fmt.Sprintf("tag-%d", i), p).add(i%2 == 0))
+		require.True(t, w.lookup(fmt.Sprintf("tag-%d", i), p).add(verdict(i%2 == 0)))
 	}
 	// A tag the window already tracks is still its own after the cap.
-	require.True(t, w.lookup("tag-0", p).add(true))
+	require.True(t, w.lookup("tag-0", p).add(verdict(true)))
 	got := w.report()
 	assert.Len(t, got.tags, MaxWindowTags+1)
 	assert.Equal(t, tagCount{Usage: 150, Bounced: 150}, got.tags[OtherTag])
@@ -30,16 +30,16 @@ func TestWindowTagCap(t *testing.T) {
 
 	// Each window tracks its own first tags.
 	w2 := newWindow(42, 0)
-	w2.lookup("late-tag", p).add(true)
+	w2.lookup("late-tag", p).add(verdict(true))
 	assert.Equal(t, map[string]tagCount{"late-tag": {Usage: 1}}, w2.report().tags)
 }
 
 func TestWindowUserOtherTagIsMerged(t *testing.T) {
 	w := newWindow(1, 0)
 	p := DefaultPolicy()
-	w.lookup(OtherTag, p).add(true)
+	w.lookup(OtherTag, p).add(verdict(true))
 	for i := range MaxWindowTags + 1 {
-		w.lookup(fmt.Sprint(i), p).add(false)
+		w.lookup(fmt.Sprint(i), p).add(verdict(false))
 	}
 	got := w.report()
 	// The user's "_other" takes none of the window's places: of the 1,025
@@ -57,7 +57,7 @@ func TestWindowConcurrentRegistration(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			for i := range 2000 {
-				w.lookup(fmt.Sprint(i), p).add(g%2 == 0)
+				w.lookup(fmt.Sprint(i), p).add(verdict(g%2 == 0))
 			}
 		}()
 	}
@@ -82,22 +82,22 @@ func TestWindowConcurrentRegistration(t *testing.T) {
 func TestSealedCounterRefusesAdds(t *testing.T) {
 	w := newWindow(3, 0)
 	c := w.lookup("a", DefaultPolicy())
-	require.True(t, c.add(true))
-	assert.Equal(t, tagCount{Usage: 1}, c.seal())
-	assert.False(t, c.add(true), "an add after the seal must report that it did not count")
-	assert.False(t, c.add(false))
+	require.True(t, c.add(verdict(true)))
+	assert.Equal(t, reasonCounts{ReasonAllowed: 1}, c.seal())
+	assert.False(t, c.add(verdict(true)), "an add after the seal must report that it did not count")
+	assert.False(t, c.add(verdict(false)))
 }
 
 func TestSealedWindowRefusesNewTags(t *testing.T) {
 	w := newWindow(3, 0)
 	p := DefaultPolicy()
-	w.lookup("a", p).add(true)
+	w.lookup("a", p).add(verdict(true))
 	w.report()
 	assert.Nil(t, w.lookup("b", p), "a tag first seen after the seal must go to the next window")
 	c := w.lookup("a", p)
 	require.NotNil(t, c)
-	assert.False(t, c.add(true))
-	assert.False(t, w.other.add(true))
+	assert.False(t, c.add(ReasonAllowed))
+	assert.False(t, w.other.add(ReasonAllowed))
 }
 
 func TestTagHashSpreads(t *testing.T) {
@@ -196,4 +196,13 @@ func TestHealthQuantiles(t *testing.T) {
 		want[wire.BucketKey(wire.HistIndex(uint64(v)*1000))]++
 	}
 	assert.Equal(t, want, got.Histogram.Counts)
+}
+
+// verdict is a Reason for an allowed or a denied call, for tests that count
+// calls without caring why.
+func verdict(allowed bool) Reason {
+	if allowed {
+		return ReasonAllowed
+	}
+	return ReasonTagMaxWeight
 }

@@ -56,6 +56,12 @@ var reasonNames = [...]string{
 	ReasonSafeModeLimit:   "safe_mode_limit",
 }
 
+// allows reports whether Gate allows a call for this reason (outside
+// shadow mode).
+func (r Reason) allows() bool {
+	return r == ReasonAllowed || r == ReasonFailOpen || r == ReasonSafeMode
+}
+
 // String returns the reason's wire name, such as "tag_max_weight".
 func (r Reason) String() string { return enumName(reasonNames[:], int(r)) }
 
@@ -193,7 +199,7 @@ func (c *Client) Gate(tag string, weight float64) GateResult {
 	default:
 		r = failOpen
 	}
-	for ctr != nil && !ctr.add(r.Allowed) {
+	for ctr != nil && !ctr.add(r.Reason) {
 		// The window was cut between the load and the add: count in the
 		// window that replaced it. Rare, and bounded by the cut rate.
 		_, ctr = c.liveCounter(tag, h, hashed)

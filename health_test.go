@@ -344,7 +344,7 @@ func TestTagFloodProbeIsBounded(t *testing.T) {
 	w := newWindow(5, 0)
 	p := DefaultPolicy()
 	for i := range 4 * MaxWindowTags {
-		w.lookup(fmt.Sprint("flood-", i), p).add(true)
+		w.lookup(fmt.Sprint("flood-", i), p).add(ReasonAllowed)
 	}
 	used := 0
 	for i := range w.slots {

@@ -136,6 +136,11 @@ func (c *Client) cut(final bool) *pulse {
 	r := old.report()
 	c.usageTotal += r.usage
 	c.bouncedTotal += r.bounced
+	c.reasonTotals.addAll(&r.reasons)
+	if r.health != nil {
+		c.healthRequests += r.health.Requests
+		c.healthErrors += r.health.Errors
+	}
 	body := pulseJSON{
 		InstanceID:   c.opts.InstanceID,
 		SiteID:       c.opts.SiteID,

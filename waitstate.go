@@ -47,21 +47,24 @@ type Client struct {
 	syncEvery  atomic.Int64
 
 	// mu guards the state below and every store to view. Gate never takes it.
-	mu            sync.Mutex
-	mode          Mode
-	policy        *Policy      // the last applied policy (or InitialPolicy); nil before the first
-	index         *policyIndex // of policy, or of fallback while policy is nil
-	initial       bool         // policy is Options.InitialPolicy: no lease, any version replaces it
-	fallback      *Policy      // DefaultPolicy, in force until then
-	win           *window      // the live window; nil after the final cut
-	leaseDeadline time.Duration
-	leaseTimer    *time.Timer
-	pulseGen      uint64 // bumped when a pulse response applies a policy
-	isReady       bool   // ready is closed
-	closed        bool
-	usageTotal    uint64 // counted in windows already cut
-	bouncedTotal  uint64
-	events        []event // callbacks to run, in order
+	mu             sync.Mutex
+	mode           Mode
+	policy         *Policy      // the last applied policy (or InitialPolicy); nil before the first
+	index          *policyIndex // of policy, or of fallback while policy is nil
+	initial        bool         // policy is Options.InitialPolicy: no lease, any version replaces it
+	fallback       *Policy      // DefaultPolicy, in force until then
+	win            *window      // the live window; nil after the final cut
+	leaseDeadline  time.Duration
+	leaseTimer     *time.Timer
+	pulseGen       uint64 // bumped when a pulse response applies a policy
+	isReady        bool   // ready is closed
+	closed         bool
+	usageTotal     uint64 // counted in windows already cut
+	bouncedTotal   uint64
+	reasonTotals   reasonCounts // the same, by Gate's reason
+	healthRequests uint64       // health samples in windows already cut
+	healthErrors   uint64
+	events         []event // callbacks to run, in order
 
 	// Owned by the pulse goroutine, then by Shutdown once it has joined it.
 	seq     uint64
@@ -226,16 +229,27 @@ type Stats struct {
 	PulseInterval  time.Duration // in force: Options' or the control plane's
 	SyncInterval   time.Duration // in force
 	LastError      string        // the last error, with no secret in it; "" if none
+
+	// Decisions counts Gate calls since New by the Reason Gate gave (in
+	// shadow mode: the reason it would have given). Its allowed reasons add
+	// up to Usage, its denied ones to Bounced.
+	Decisions map[Reason]uint64
+	// HealthRequests and HealthErrors count the health samples (Observe,
+	// ObserveTag, timers, the middleware) in the windows already sent, and
+	// those of them that failed.
+	HealthRequests, HealthErrors uint64
 }
 
 // Stats returns the client's counters.
 func (c *Client) Stats() Stats {
 	c.mu.Lock()
-	usage, bounced := c.usageTotal, c.bouncedTotal
+	usage, bounced, reasons := c.usageTotal, c.bouncedTotal, c.reasonTotals
+	healthRequests, healthErrors := c.healthRequests, c.healthErrors
 	if c.win != nil {
 		live := c.win.peek()
 		usage += live.usage
 		bounced += live.bounced
+		reasons.addAll(&live.reasons)
 	}
 	var lease time.Duration
 	if c.policy != nil && !c.initial && c.mode == ModeEnforcing {
@@ -257,6 +271,14 @@ func (c *Client) Stats() Stats {
 		LeaseRemaining: lease,
 		PulseInterval:  c.pulseInterval(),
 		SyncInterval:   c.syncInterval(),
+		Decisions:      make(map[Reason]uint64, numReasons),
+		HealthRequests: healthRequests,
+		HealthErrors:   healthErrors,
+	}
+	for r, n := range reasons {
+		if n > 0 {
+			s.Decisions[Reason(r)] = n
+		}
 	}
 	if e := c.lastErr.Load(); e != nil {
 		s.LastError = *e
