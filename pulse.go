@@ -137,6 +137,7 @@ func (c *Client) cut(final bool) *pulse {
 	c.usageTotal += r.usage
 	c.bouncedTotal += r.bounced
 	c.reasonTotals.addAll(&r.reasons)
+	c.addTagTotals(r.tags)
 	if r.health != nil {
 		c.healthRequests += r.health.Requests
 		c.healthErrors += r.health.Errors

@@ -46,6 +46,9 @@ func TestProtocolDecisionsAndHealthInStats(t *testing.T) {
 	}
 	assert.Equal(t, st.Usage, allowed)
 	assert.Equal(t, st.Bounced, denied)
+	assert.Equal(t, TagStats{Usage: 1, Bounced: 1}, c.TagStats("pro"), "the first window's")
+	assert.Equal(t, TagStats{Bounced: 1}, c.TagStats("free"))
+	assert.Equal(t, TagStats{}, c.TagStats("never"))
 	assert.Equal(t, uint64(2), st.HealthRequests)
 	assert.Equal(t, uint64(1), st.HealthErrors)
 }

@@ -64,7 +64,8 @@ type Client struct {
 	reasonTotals   reasonCounts // the same, by Gate's reason
 	healthRequests uint64       // health samples in windows already cut
 	healthErrors   uint64
-	events         []event // callbacks to run, in order
+	tagTotals      map[string]TagStats // by tag, in windows already cut: at most MaxWindowTags
+	events         []event             // callbacks to run, in order
 
 	// Owned by the pulse goroutine, then by Shutdown once it has joined it.
 	seq     uint64
@@ -238,6 +239,36 @@ type Stats struct {
 	// ObserveTag, timers, the middleware) in the windows already sent, and
 	// those of them that failed.
 	HealthRequests, HealthErrors uint64
+}
+
+// TagStats are one tag's counts since New.
+type TagStats struct {
+	Usage   uint64 // calls allowed (in shadow mode: not denied)
+	Bounced uint64 // calls denied (in shadow mode: that would have been)
+}
+
+// TagStats returns tag's counts in the windows already sent (the live
+// window joins them at the next pulse). The client keeps the totals of the
+// first MaxWindowTags tags it counts; later tags add to OtherTag's.
+func (c *Client) TagStats(tag string) TagStats {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.tagTotals[tag]
+}
+
+// addTagTotals adds a cut window's tag counts to the totals. Call with
+// c.mu held.
+func (c *Client) addTagTotals(tags map[string]tagCount) {
+	if c.tagTotals == nil {
+		c.tagTotals = make(map[string]TagStats)
+	}
+	for tag, tc := range tags {
+		if _, ok := c.tagTotals[tag]; !ok && len(c.tagTotals) >= MaxWindowTags {
+			tag = OtherTag
+		}
+		t := c.tagTotals[tag]
+		c.tagTotals[tag] = TagStats{Usage: t.Usage + tc.Usage, Bounced: t.Bounced + tc.Bounced}
+	}
 }
 
 // Stats returns the client's counters.
