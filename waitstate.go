@@ -235,6 +235,10 @@ type Stats struct {
 	// shadow mode: the reason it would have given). Its allowed reasons add
 	// up to Usage, its denied ones to Bounced.
 	Decisions map[Reason]uint64
+	// Shadow reports whether the client decides in shadow mode
+	// (Options.Shadow): every call allowed, Bounced counting those the
+	// policy would have denied.
+	Shadow bool
 	// HealthRequests and HealthErrors count the health samples (Observe,
 	// ObserveTag, timers, the middleware) in the windows already sent, and
 	// those of them that failed.
@@ -303,6 +307,7 @@ func (c *Client) Stats() Stats {
 		PulseInterval:  c.pulseInterval(),
 		SyncInterval:   c.syncInterval(),
 		Decisions:      make(map[Reason]uint64, numReasons),
+		Shadow:         c.opts.Shadow,
 		HealthRequests: healthRequests,
 		HealthErrors:   healthErrors,
 	}
