@@ -112,14 +112,21 @@ func (c *Client) HTTPMiddleware(opts MiddlewareOptions) func(http.Handler) http.
 	}
 }
 
-// deny writes the default denial: 429, Retry-After in whole seconds (1 for
-// the safe-mode rate; the pulse interval rounded up for a policy denial,
-// since a policy can change only at a pulse or sync) and a JSON body.
-func (c *Client) deny(w http.ResponseWriter, res GateResult) {
-	retry := 1
-	if res.Reason != ReasonSafeModeLimit {
-		retry = max(1, int(math.Ceil(c.pulseInterval().Seconds())))
+// RetryAfter is how long a caller denied with res should wait before
+// trying again: a second for the safe-mode rate, else the pulse interval
+// in force, since a policy can change only at a pulse or sync. The
+// middleware sends it, rounded up to whole seconds, as Retry-After.
+func (c *Client) RetryAfter(res GateResult) time.Duration {
+	if res.Reason == ReasonSafeModeLimit {
+		return time.Second
 	}
+	return c.pulseInterval()
+}
+
+// deny writes the default denial: 429, Retry-After in whole seconds (see
+// RetryAfter) and a JSON body.
+func (c *Client) deny(w http.ResponseWriter, res GateResult) {
+	retry := max(1, int(math.Ceil(c.RetryAfter(res).Seconds())))
 	h := w.Header()
 	h.Set("Retry-After", strconv.Itoa(retry))
 	h.Set("Content-Type", "application/json")
