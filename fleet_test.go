@@ -39,6 +39,7 @@ func TestFleetSimulation(t *testing.T) {
 	)
 	cp := newPlane(t)
 	cp.SetLogLimit(100_000) // every pulse of the run, to check each client's counts
+	cp.SetLogBytes(1 << 30)
 	cp.SetPolicy("", controlplane.Policy{Version: 1, GlobalMaxWeight: 5, TagMaxWeights: map[string]float64{"t0": 0}})
 
 	fleet := make([]*Client, clients)

@@ -461,6 +461,14 @@ func (s *Server) SetLogLimit(n int) {
 	s.logLimit = n
 }
 
+// SetLogBytes sets how many bytes each log may hold, by an estimate of
+// what its entries keep.
+func (s *Server) SetLogBytes(n int) {
+	s.logMu.Lock()
+	defer s.logMu.Unlock()
+	s.logBytes = n
+}
+
 // Events returns the rules' firings and clearings still in the log, in
 // order; Seq tells whether any were dropped.
 func (s *Server) Events() []Event {
