@@ -14,11 +14,12 @@ import (
 // decodePulse parses a pulse body into p. It is the control plane's hot
 // path: a purpose-built reader of the pulse's fields, several times faster
 // than encoding/json, which spends most of a pulse's time on reflection
-// and maps. It accepts what encoding/json accepts for wire.PulseBody, with
-// four differences, all stricter: member names match exactly (not
-// case-insensitively), a map key given twice is refused, strings must be
-// valid UTF-8, and the body must be an object (not null). Unknown members
-// are skipped. FuzzDecodePulse holds it to encoding/json.
+// and maps. It accepts what encoding/json accepts for wire.PulseBody, and
+// reads it the same way (a repeated member or map key: the later wins),
+// with three differences, all stricter: member names match exactly (not
+// case-insensitively), strings must be valid UTF-8, and the body must be
+// an object (not null). Unknown members are skipped. FuzzDecodePulse holds
+// it to encoding/json.
 //
 // With lean set, the histograms of tags not in watched are checked and
 // skipped rather than kept: the rules read histograms of the site and of
@@ -120,18 +121,6 @@ func (d *decoder) object(member func(name []byte)) {
 			d.fail("expected , or }")
 		}
 	}
-}
-
-// mapObject calls member for each member of an object read as a map. A
-// key seen twice is refused (encoding/json keeps the later value).
-func (d *decoder) mapObject(has func(key []byte) bool, member func(key []byte)) {
-	d.object(func(key []byte) {
-		if has(key) {
-			d.fail("key named twice")
-			return
-		}
-		member(key)
-	})
 }
 
 // str reads a string and returns its bytes, unescaped.
@@ -451,7 +440,7 @@ func (d *decoder) pulse(p *wire.PulseBody) {
 				p.Tags = map[string]wire.TagCount{}
 			}
 			m := p.Tags
-			d.mapObject(func(k []byte) bool { _, ok := m[string(k)]; return ok }, func(tag []byte) {
+			d.object(func(tag []byte) {
 				var tc wire.TagCount
 				d.tagCount(&tc, !d.lean || slices.Contains(d.watched, string(tag)))
 				m[string(tag)] = tc
@@ -557,7 +546,7 @@ func (d *decoder) histogram(hist *wire.Histogram) {
 				return
 			}
 			if hist == nil {
-				d.mapObject(func([]byte) bool { return false }, func([]byte) {
+				d.object(func([]byte) {
 					var v uint64
 					d.uint(&v)
 				})
@@ -567,7 +556,7 @@ func (d *decoder) histogram(hist *wire.Histogram) {
 				hist.Counts = map[string]uint64{}
 			}
 			m := hist.Counts
-			d.mapObject(func(k []byte) bool { _, ok := m[string(k)]; return ok }, func(key []byte) {
+			d.object(func(key []byte) {
 				var v uint64
 				d.uint(&v)
 				m[bucketKey(key)] = v
@@ -590,7 +579,7 @@ func (d *decoder) metrics(mp *map[string]wire.Metric) {
 		*mp = map[string]wire.Metric{}
 	}
 	m := *mp
-	d.mapObject(func(k []byte) bool { _, ok := m[string(k)]; return ok }, func(key []byte) {
+	d.object(func(key []byte) {
 		name := string(key)
 		var v wire.Metric
 		if d.null() {

@@ -38,7 +38,9 @@ func TestDecodePulse(t *testing.T) {
 	var p wire.PulseBody
 	require.NoError(t, decodePulse([]byte(pulseSeeds()[2]), &p, false, nil))
 	assert.Equal(t, "ié😀\"\\/\b\f\n\r\t", p.InstanceID)
-	assert.Error(t, decodePulse([]byte(`{"tags":{"a":{},"a":{}}}`), &p, false, nil), "a key given twice")
+	var twice wire.PulseBody
+	require.NoError(t, decodePulse([]byte(`{"tags":{"a":{"usage":1},"a":{"bounced":2}}}`), &twice, false, nil))
+	assert.Equal(t, map[string]wire.TagCount{"a": {Bounced: 2}}, twice.Tags, "a key given twice: the later wins, as in encoding/json")
 	assert.Error(t, decodePulse([]byte(`null`), &p, false, nil))
 	assert.Error(t, decodePulse([]byte(strings.Repeat("[", 20_000)), &p, false, nil))
 	var lean wire.PulseBody
@@ -83,56 +85,20 @@ func comparePulseDecoders(t *testing.T, data []byte) {
 	// encoding/json accepted it: only the stricter cases may differ.
 	trimmed := bytes.TrimSpace(data)
 	switch {
-	case !utf8.Valid(data), bytes.Equal(trimmed, []byte("null")), repeatedKey(data):
+	case !utf8.Valid(data), bytes.Equal(trimmed, []byte("null")):
 		return
 	}
 	t.Fatalf("decodePulse refused what encoding/json accepts: %q: %v", data, gotErr)
 }
 
 // foldedName reports whether data has a member name that matches a field
-// only case-insensitively.
+// only case-insensitively. It reads the tokens, so that a repeated key
+// cannot hide one.
 func foldedName(data []byte) bool {
-	var v any
-	dec := json.NewDecoder(bytes.NewReader(data))
-	dec.UseNumber()
-	if dec.Decode(&v) != nil {
-		return false
-	}
 	fields := []string{"instanceId", "siteId", "sdk", "seq", "windowEndMs", "windowMs", "mode", "policyVersion", "shadow", "usageDelta",
 		"bouncedDelta", "usageTotal", "bouncedTotal", "tags", "health", "metrics", "usage", "bounced", "requests", "errors",
 		"latencyMs", "histogram", "p50", "p95", "p99", "max", "scheme", "counts", "count", "sum", "min"}
-	var walk func(any) bool
-	walk = func(v any) bool {
-		switch v := v.(type) {
-		case map[string]any:
-			for k, x := range v {
-				for _, f := range fields {
-					if k != f && strings.EqualFold(k, f) {
-						return true
-					}
-				}
-				if walk(x) {
-					return true
-				}
-			}
-		case []any:
-			for _, x := range v {
-				if walk(x) {
-					return true
-				}
-			}
-		}
-		return false
-	}
-	return walk(v)
-}
-
-// repeatedKey reports whether an object in data names a member twice.
-func repeatedKey(data []byte) bool {
-	type frame struct {
-		object, wantKey bool
-		keys            map[string]bool
-	}
+	type frame struct{ object, wantKey bool }
 	var stack []*frame
 	valueDone := func() {
 		if n := len(stack); n > 0 && stack[n-1].object {
@@ -140,6 +106,7 @@ func repeatedKey(data []byte) bool {
 		}
 	}
 	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.UseNumber()
 	for {
 		tok, err := dec.Token()
 		if err != nil {
@@ -147,7 +114,7 @@ func repeatedKey(data []byte) bool {
 		}
 		switch tok {
 		case json.Delim('{'):
-			stack = append(stack, &frame{object: true, wantKey: true, keys: map[string]bool{}})
+			stack = append(stack, &frame{object: true, wantKey: true})
 		case json.Delim('['):
 			stack = append(stack, &frame{})
 		case json.Delim('}'), json.Delim(']'):
@@ -156,10 +123,12 @@ func repeatedKey(data []byte) bool {
 		default:
 			if n := len(stack); n > 0 && stack[n-1].object && stack[n-1].wantKey {
 				k := tok.(string)
-				if stack[n-1].keys[k] {
-					return true
+				for _, f := range fields {
+					if k != f && strings.EqualFold(k, f) {
+						return true
+					}
 				}
-				stack[n-1].keys[k], stack[n-1].wantKey = true, false
+				stack[n-1].wantKey = false
 				continue
 			}
 			valueDone()
