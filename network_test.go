@@ -4,9 +4,11 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"maps"
 	"math"
 	"net"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -127,7 +129,12 @@ func TestProtocolBadPoliciesRefusedWhole(t *testing.T) {
 	waitReady(t, c)
 	want := c.Policy()
 
-	for name, raw := range badPolicies() {
+	// In a fixed order: the client logs when a loop starts failing, not each
+	// later error, so the log below names the first case's kind of error
+	// ("not JSON" is a malformed answer, not an invalid policy).
+	bad := badPolicies()
+	for _, name := range slices.Sorted(maps.Keys(bad)) {
+		raw := bad[name]
 		before := c.Stats().PolicyErrors
 		cp.SetPolicyJSON("", raw)
 		// Both the pulse and the sync answers carry it: wait for both kinds
@@ -137,7 +144,7 @@ func TestProtocolBadPoliciesRefusedWhole(t *testing.T) {
 		assert.Equal(t, ModeEnforcing, c.Mode(), name)
 		assert.Equal(t, GateResult{false, false, ReasonTagMaxWeight, 0}, c.Gate("free", 1), name)
 	}
-	assert.Contains(t, logs.String(), "invalid policy")
+	assert.Contains(t, logs.String(), "invalid policy", "the first case, %q, is an invalid policy", slices.Sorted(maps.Keys(bad))[0])
 
 	cp.SetPolicy("", controlplane.Policy{Version: 2, GlobalMaxWeight: 9})
 	eventually(t, func() bool { return c.Policy().Version == 2 }, "a good policy is applied again")
