@@ -263,8 +263,13 @@ func TestCountExact(t *testing.T) {
 			assert.Greater(t, usage, uint64(100))
 			assert.Greater(t, bounced, uint64(100))
 			if fault != (controlplane.Faults{}) {
-				resent := len(requestsTo(cp, http.MethodPost, wire.PathPulse)) - len(pulses)
-				assert.Positive(t, resent, "the fault made the client resend")
+				sent := requestsTo(cp, http.MethodPost, wire.PathPulse)
+				assert.Greater(t, len(sent), len(pulses), "the fault made the client resend")
+				for _, r := range sent {
+					var body wire.PulseBody
+					require.NoError(t, json.Unmarshal(r.Body, &body))
+					assert.Equal(t, c.incarnation, body.Incarnation, "a resend keeps the incarnation, as its seq")
+				}
 			}
 		})
 	}
@@ -437,9 +442,11 @@ func TestProtocolPulseShape(t *testing.T) {
 	for k := range raw {
 		keys = append(keys, k)
 	}
-	assert.ElementsMatch(t, []string{"instanceId", "sdk", "seq", "windowEndMs", "windowMs", "mode", "policyVersion",
+	assert.ElementsMatch(t, []string{"instanceId", "incarnation", "sdk", "seq", "windowEndMs", "windowMs", "mode", "policyVersion",
 		"usageDelta", "bouncedDelta", "usageTotal", "bouncedTotal", "tags", "health", "shadow"}, keys)
 	assert.Regexp(t, uuidPattern, p.InstanceID, "a random UUID v4 by default")
+	assert.Regexp(t, `^[0-9a-f]{32}$`, p.Incarnation, "128 random bits in lowercase hex")
+	assert.NotEqual(t, idle.Incarnation, p.Incarnation, "one per New")
 	assert.False(t, p.Shadow)
 	assert.Equal(t, "waitstate-go/"+Version, p.SDK)
 	assert.EqualValues(t, 1, p.Seq)

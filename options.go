@@ -64,10 +64,17 @@ type Options struct {
 	// Logger receives state changes and errors. If nil, nothing is logged.
 	Logger *slog.Logger
 
-	// InstanceID names this client in every request and pulse. A stable
-	// name (pod, host) makes a fleet's pulses readable; it must be at most
-	// 256 bytes of printable ASCII without spaces. If empty, a random UUID
-	// version 4.
+	// InstanceID is a name to read in the control plane's figures: it
+	// names this client in every request and pulse. A stable name (pod,
+	// host) makes a fleet's pulses readable; it must be at most 256 bytes
+	// of printable ASCII without spaces. If empty, a random UUID version 4.
+	//
+	// It need not be unique. Each New also draws a random incarnation that
+	// names the process's own pulses, so two processes sharing an
+	// InstanceID (two replicas on one host, a blue/green pair) and a
+	// process restarted under the same name are each counted exactly once;
+	// a control plane that sees two processes pulse under one InstanceID
+	// at once says so in its log.
 	InstanceID string
 
 	// SafeMode says how Gate answers once a lease has expired without

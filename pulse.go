@@ -144,6 +144,7 @@ func (c *Client) cut(final bool) *pulse {
 	}
 	body := pulseJSON{
 		InstanceID:   c.opts.InstanceID,
+		Incarnation:  c.incarnation,
 		SiteID:       c.opts.SiteID,
 		SDK:          UserAgent,
 		WindowEndMs:  c.wall().UnixMilli(),

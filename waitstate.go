@@ -13,6 +13,8 @@ import (
 
 	"github.com/golang-jwt/jwt/v5"
 	"golang.org/x/sync/errgroup"
+
+	"github.com/waitstate/waitstate-go/internal/wire"
 )
 
 // Version is the SDK's version, sent in pulses and the User-Agent header.
@@ -34,9 +36,13 @@ type Client struct {
 	transport *http.Transport // ours, when Options.HTTPClient was nil
 	log       *slog.Logger
 	jwtParser *jwt.Parser
-	seed      uint64               // of the tag tables' hash
-	clock     func() time.Duration // monotonic time since New
-	wall      func() time.Time     // the wall clock
+	seed      uint64 // of the tag tables' hash
+	// incarnation names this process's seq stream: 128 random bits drawn
+	// in New, so that two processes sharing an InstanceID, or one process
+	// restarted, are counted apart.
+	incarnation string
+	clock       func() time.Duration // monotonic time since New
+	wall        func() time.Time     // the wall clock
 
 	// The hot path: Gate reads view once, and safe only in safe mode.
 	view atomic.Pointer[view]
@@ -107,18 +113,19 @@ func newClient(opts Options, clock func() time.Duration, wall func() time.Time) 
 		return nil, err
 	}
 	c := &Client{
-		opts:      o,
-		base:      base,
-		log:       o.Logger,
-		jwtParser: newJWTParser(o.PublishKey, wall),
-		seed:      rand.Uint64(),
-		clock:     clock,
-		wall:      wall,
-		safe:      newLimiter(o.SafeModeMaxRPS),
-		fallback:  DefaultPolicy(),
-		callbacks: make(chan struct{}, 1),
-		ready:     make(chan struct{}),
-		done:      make(chan struct{}),
+		opts:        o,
+		base:        base,
+		log:         o.Logger,
+		jwtParser:   newJWTParser(o.PublishKey, wall),
+		seed:        rand.Uint64(),
+		incarnation: wire.RandomHex(),
+		clock:       clock,
+		wall:        wall,
+		safe:        newLimiter(o.SafeModeMaxRPS),
+		fallback:    DefaultPolicy(),
+		callbacks:   make(chan struct{}, 1),
+		ready:       make(chan struct{}),
+		done:        make(chan struct{}),
 	}
 	c.pulseEvery.Store(int64(o.PulseInterval))
 	c.syncEvery.Store(int64(o.SyncInterval))

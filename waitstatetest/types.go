@@ -135,6 +135,7 @@ func (f Faults) internal() controlplane.Faults {
 // client's counts and health.
 type Pulse struct {
 	InstanceID    string
+	Incarnation   string // random, drawn once per process: two processes sharing an InstanceID differ here
 	SiteID        string
 	SDK           string // the client's name and version
 	Seq           uint64 // 1, 2, …: a resent pulse keeps its seq
@@ -182,7 +183,7 @@ type Record struct {
 }
 
 func pulseFrom(p controlplane.Pulse) Pulse {
-	out := Pulse{InstanceID: p.InstanceID, SiteID: p.SiteID, SDK: p.SDK, Seq: p.Seq, WindowEnd: time.UnixMilli(p.WindowEndMs),
+	out := Pulse{InstanceID: p.InstanceID, Incarnation: p.Incarnation, SiteID: p.SiteID, SDK: p.SDK, Seq: p.Seq, WindowEnd: time.UnixMilli(p.WindowEndMs),
 		Window: time.Duration(p.WindowMs) * time.Millisecond, Mode: p.Mode, PolicyVersion: p.PolicyVersion, Shadow: p.Shadow,
 		Usage: p.UsageDelta, Bounced: p.BouncedDelta, UsageTotal: p.UsageTotal, BouncedTotal: p.BouncedTotal,
 		Tags: make(map[string]TagCount, len(p.Tags)), Health: healthFrom(p.Health), Metrics: recordsFrom(p.Metrics), Raw: p.Raw}
@@ -222,8 +223,8 @@ func recordsFrom(m map[string]controlplane.MetricAgg) map[string]Record {
 // Totals are a site's counts over every pulse counted.
 type Totals struct {
 	Usage, Bounced uint64
-	Pulses         int // pulses counted, each (instance, seq) once
-	Instances      int // distinct instances that sent them
+	Pulses         int // pulses counted, each (instance, incarnation, seq) once
+	Instances      int // distinct instance IDs that sent them and are remembered
 	Tags           map[string]TagCount
 }
 
@@ -238,7 +239,7 @@ func totalsFrom(t controlplane.Totals) Totals {
 // Metrics are a site's figures over the rule window: what its rules read.
 type Metrics struct {
 	Pulses       int     // pulses in the window
-	Instances    int     // distinct instances among them
+	Instances    int     // distinct processes among them: instance IDs with their incarnations
 	RPS          float64 // offered Gate calls per second
 	Requests     uint64  // health samples
 	ErrorRate    float64 // NaN without samples

@@ -19,6 +19,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"log/slog"
 	"math"
 	"testing"
 	"time"
@@ -169,6 +170,11 @@ func (s *Server) SetLeaseTTL(d time.Duration) { s.cp.SetLeaseTTL(d) }
 // clients adopt them from their next tick, clamped to [100 ms, 10 min]. 0
 // leaves an interval out of the answers.
 func (s *Server) SetIntervals(pulse, sync time.Duration) { s.cp.SetIntervals(pulse, sync) }
+
+// SetLogger sets where the server says what its operator should know, such
+// as two processes pulsing under one InstanceID; nil (the default)
+// discards it.
+func (s *Server) SetLogger(l *slog.Logger) { s.cp.SetLogger(l) }
 
 // SetFaults makes the control plane misbehave as f says, until the next
 // SetFaults or Heal.

@@ -28,6 +28,7 @@ import (
 	"flag"
 	"fmt"
 	"log"
+	"log/slog"
 	"math"
 	"net"
 	"net/http"
@@ -93,6 +94,7 @@ func run(addr, rulesFile, policyFile, publishKey, secretKey string, lease, windo
 	cp := controlplane.NewUnstarted()
 	defer cp.Close()
 	cp.AddKey(publishKey, secretKey)
+	cp.SetLogger(slog.New(slog.NewTextHandler(os.Stderr, nil)))
 	cp.SetLeaseTTL(lease)
 	cp.SetRuleWindow(window)
 

@@ -12,11 +12,13 @@ package controlplane
 import (
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"maps"
 	"net/http"
 	"net/http/httptest"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/waitstate/waitstate-go/internal/wire"
@@ -59,7 +61,7 @@ type Request struct {
 type Totals struct {
 	Usage, Bounced uint64
 	Pulses         int // pulses counted
-	Instances      int // distinct instances that sent them
+	Instances      int // distinct instance IDs that sent them and are remembered
 	Tags           map[string]TagCount
 }
 
@@ -132,6 +134,8 @@ type Server struct {
 	lastReply  map[string]reply // by path
 
 	nonces nonceMemory
+
+	logger atomic.Pointer[slog.Logger] // what the operator should know; nil discards
 
 	logMu    sync.Mutex
 	logLimit int
@@ -432,6 +436,18 @@ func (s *Server) SetTokenTTL(d time.Duration) {
 	s.tokenTTL = d
 }
 
+// SetLogger sets where the control plane says what its operator should
+// know, such as two processes pulsing under one instance ID; nil (the
+// default) discards it.
+func (s *Server) SetLogger(l *slog.Logger) { s.logger.Store(l) }
+
+// warn logs msg at the Warn level when a logger is set.
+func (s *Server) warn(msg string, args ...any) {
+	if l := s.logger.Load(); l != nil {
+		l.Warn(msg, args...)
+	}
+}
+
 // SetFaults replaces the faults in force; Faults{} heals the server.
 func (s *Server) SetFaults(f Faults) {
 	s.mu.Lock()
@@ -512,7 +528,7 @@ func (s *Server) TotalsOf(key, site string) Totals {
 	if t.Tags == nil {
 		t.Tags = map[string]TagCount{}
 	}
-	t.Instances = len(st.seen)
+	t.Instances = len(st.instances)
 	return t
 }
 
@@ -578,15 +594,12 @@ func (st *siteState) fit(cfg *resolved) {
 }
 
 // count counts a pulse once: its totals and its rule aggregates. It
-// reports false for a pulse already counted. Call with st.mu held.
-func (st *siteState) count(p *Pulse, cfg *resolved, now time.Time) bool {
-	d := st.seen[p.InstanceID]
-	if d == nil {
-		d = &seen{}
-		st.seen[p.InstanceID] = d
-	}
-	if !d.fresh(p.Seq, p.WindowEndMs) {
-		return false
+// reports false for a pulse already counted, and shared as dedupe does.
+// Call with st.mu held.
+func (st *siteState) count(p *Pulse, cfg *resolved, now time.Time) (counted, shared bool) {
+	fresh, shared := st.dedupe(p, cfg, now)
+	if !fresh {
+		return false, shared
 	}
 	if st.totals.Tags == nil {
 		st.totals.Tags = map[string]TagCount{}
@@ -603,7 +616,7 @@ func (st *siteState) count(p *Pulse, cfg *resolved, now time.Time) bool {
 	}
 	st.fit(cfg)
 	st.window.add(p, now, cfg.watched)
-	return true
+	return true, shared
 }
 
 // evaluate steps the site's rules, at most once per slot of the rule window

@@ -407,6 +407,8 @@ func (d *decoder) pulse(p *wire.PulseBody) {
 		switch string(name) {
 		case "instanceId":
 			d.string(&p.InstanceID)
+		case "incarnation":
+			d.string(&p.Incarnation)
 		case "siteId":
 			d.string(&p.SiteID)
 		case "sdk":

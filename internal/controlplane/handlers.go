@@ -420,7 +420,7 @@ func (s *Server) handlePulse(w http.ResponseWriter, r *http.Request) {
 	now := time.Now()
 
 	st.mu.Lock()
-	counted := st.count(&p, cfg, now)
+	counted, shared := st.count(&p, cfg, now)
 	var events []Event
 	if counted {
 		events = st.evaluate(cfg, now)
@@ -429,6 +429,10 @@ func (s *Server) handlePulse(w http.ResponseWriter, r *http.Request) {
 	pulseEvery := st.pulseInterval(cfg)
 	st.mu.Unlock()
 
+	if shared {
+		s.warn("waitstate control plane: two processes pulse under one instance ID; each is counted on its own, but the ID no longer names one process",
+			"site", p.Site, "instance", p.InstanceID)
+	}
 	if counted {
 		s.logMu.Lock()
 		s.pulses.add(p, pulseCost(&p), s.logLimit, s.logBytes)

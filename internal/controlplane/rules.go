@@ -182,7 +182,7 @@ type Event struct {
 // for one tag's traffic.
 type Metrics struct {
 	Pulses       int                  // pulses in the window
-	Instances    int                  // distinct instances among them
+	Instances    int                  // distinct processes among them: instance IDs with their incarnations
 	RPS          float64              // offered Gate calls per second
 	Requests     uint64               // health samples
 	ErrorRate    float64              // NaN without samples

@@ -16,9 +16,9 @@ import (
 //  1. State lives per publish key, then per site (tenant, siteState): a key
 //     can never read or change another key's counts, rule state or policy,
 //     whatever site or instance IDs it claims.
-//  2. Each instance of a site keeps a fixed-size dedupe record (seen): the
-//     highest seq counted and a bitmap of the dedupeSpan seqs below it. A seq
-//     below that span counts as seen.
+//  2. Each process of a site (instance and incarnation) keeps a fixed-size
+//     dedupe record, an instance at most maxIncarnations of them, and an
+//     idle one is forgotten (dedupe.go).
 //  3. A site's Totals track at most MaxSiteTags tags; later ones add to
 //     "_other".
 //  4. The rules read fixed aggregates: a ring of windowSlots slots over the
@@ -44,7 +44,7 @@ func (t *tenant) site(name string) *siteState {
 	defer t.mu.Unlock()
 	st := t.sites[name]
 	if st == nil {
-		st = &siteState{firing: map[string]*ruleState{}, seen: map[string]*seen{}}
+		st = &siteState{firing: map[string]*ruleState{}, instances: map[string]*instance{}}
 		t.sites[name] = st
 	}
 	return st
@@ -59,7 +59,9 @@ type siteState struct {
 	evaluated time.Time             // when its rules were last stepped
 	window    aggWindow             // what its rules read
 	totals    Totals                // over every pulse counted
-	seen      map[string]*seen      // by instance: which seqs were counted
+	instances map[string]*instance  // by instance ID: which seqs each of its processes had counted
+	swept     time.Time             // when idle processes were last looked for
+	order     uint64                // pulses deduped, resends included
 	normal    time.Duration         // the clients' own pulse interval when an incident began
 
 	// The policy JSON served, built once per policy.
@@ -68,53 +70,6 @@ type siteState struct {
 		json       json.RawMessage
 		version    int64
 		ok         bool
-	}
-}
-
-// dedupeSpan is how many seqs below an instance's highest one are told
-// apart; older ones count as seen.
-const dedupeSpan = 64
-
-// seen records which of one instance's pulses were counted.
-type seen struct {
-	high uint64 // the highest seq counted
-	bits uint64 // bit i: seq high-1-i was counted
-	end  int64  // windowEndMs of the pulse with seq high
-}
-
-// fresh reports whether a pulse with seq and windowEnd is to be counted,
-// and records it. A pulse at or below the high-water mark whose window ends
-// later than that of the highest one counted comes from a restarted
-// instance that kept its ID (its seqs start at 1 again): the record starts
-// over. A resend keeps its window, so it is never taken for one.
-func (d *seen) fresh(seq uint64, windowEnd int64) bool {
-	if seq <= d.high && windowEnd > d.end {
-		*d = seen{}
-	}
-	switch {
-	case seq > d.high:
-		shift := seq - d.high
-		if shift > dedupeSpan {
-			d.bits = 0
-		} else {
-			d.bits = d.bits<<shift | 1<<(shift-1) // the old high moves into the bitmap
-		}
-		if d.high == 0 {
-			d.bits = 0
-		}
-		d.high, d.end = seq, windowEnd
-		return true
-	case seq == d.high:
-		return false
-	case d.high-seq > dedupeSpan:
-		return false
-	default:
-		bit := uint64(1) << (d.high - seq - 1)
-		if d.bits&bit != 0 {
-			return false
-		}
-		d.bits |= bit
-		return true
 	}
 }
 
@@ -136,7 +91,7 @@ type slot struct {
 	n         int64 // the slot's index since the epoch; live while within the window
 	pulses    int
 	windowMs  int64 // sum of the pulses' windowMs
-	instances map[string]struct{}
+	processes map[process]struct{}
 	site      agg
 	tags      map[string]*agg // the tags the rules watch
 }
@@ -166,16 +121,19 @@ func (w *aggWindow) slot(now time.Time) *slot {
 	return s
 }
 
+// process names one client process: its instance ID and its incarnation.
+type process struct{ instance, incarnation string }
+
 // add adds a pulse to the slot of now: its site-wide figures and those of
 // the watched tags.
 func (w *aggWindow) add(p *Pulse, now time.Time, watched []string) {
 	s := w.slot(now)
 	s.pulses++
 	s.windowMs += max(p.WindowMs, 0)
-	if s.instances == nil {
-		s.instances = map[string]struct{}{}
+	if s.processes == nil {
+		s.processes = map[process]struct{}{}
 	}
-	s.instances[p.InstanceID] = struct{}{}
+	s.processes[process{p.InstanceID, p.Incarnation}] = struct{}{}
 	s.site.add(p.UsageDelta+p.BouncedDelta, p.Health, p.Metrics)
 	for _, tag := range watched {
 		tc, ok := p.Tags[tag]
@@ -273,11 +231,11 @@ func (w *aggWindow) metrics(now time.Time, window time.Duration, tag string) Met
 	m := Metrics{ErrorRate: math.NaN(), LatencyP50Ms: math.NaN(), LatencyP95Ms: math.NaN(), LatencyP99Ms: math.NaN(),
 		Custom: map[string]MetricAgg{}}
 	var total agg
-	instances := map[string]struct{}{}
+	processes := map[process]struct{}{}
 	w.live(now, func(s *slot) {
 		m.Pulses += s.pulses
-		for id := range s.instances {
-			instances[id] = struct{}{}
+		for id := range s.processes {
+			processes[id] = struct{}{}
 		}
 		a := &s.site
 		if tag != "" {
@@ -287,7 +245,7 @@ func (w *aggWindow) metrics(now time.Time, window time.Duration, tag string) Met
 		}
 		total.merge(a)
 	})
-	m.Instances = len(instances)
+	m.Instances = len(processes)
 	m.RPS = float64(total.calls) / window.Seconds()
 	m.Custom = total.custom
 	if m.Custom == nil {

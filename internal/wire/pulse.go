@@ -4,6 +4,7 @@ package wire
 // plane decodes it.
 type PulseBody struct {
 	InstanceID    string              `json:"instanceId"`
+	Incarnation   string              `json:"incarnation,omitempty"` // 128 random bits in hex, drawn once per process
 	SiteID        string              `json:"siteId,omitempty"`
 	SDK           string              `json:"sdk"`
 	Seq           uint64              `json:"seq"`
