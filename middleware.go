@@ -123,12 +123,18 @@ func (c *Client) RetryAfter(res GateResult) time.Duration {
 	return c.pulseInterval()
 }
 
-// deny writes the default denial: 429, Retry-After in whole seconds (see
-// RetryAfter) and a JSON body.
+// RetryAfterHeader is RetryAfter as the value of an HTTP Retry-After
+// header: whole seconds, rounded up, at least 1. The middleware's default
+// denial sends it; a handler of another framework can too.
+func (c *Client) RetryAfterHeader(res GateResult) string {
+	return strconv.Itoa(max(1, int(math.Ceil(c.RetryAfter(res).Seconds()))))
+}
+
+// deny writes the default denial: 429, Retry-After (RetryAfterHeader) and
+// a JSON body.
 func (c *Client) deny(w http.ResponseWriter, res GateResult) {
-	retry := max(1, int(math.Ceil(c.RetryAfter(res).Seconds())))
 	h := w.Header()
-	h.Set("Retry-After", strconv.Itoa(retry))
+	h.Set("Retry-After", c.RetryAfterHeader(res))
 	h.Set("Content-Type", "application/json")
 	w.WriteHeader(http.StatusTooManyRequests)
 	_, _ = w.Write([]byte(`{"error":"rate_limited","reason":"` + res.Reason.String() + `"}`))

@@ -119,9 +119,23 @@ func TestDenyRetryAfter(t *testing.T) {
 		rec := httptest.NewRecorder()
 		c.deny(rec, GateResult{Reason: reason})
 		assert.Equal(t, want, rec.Header().Get("Retry-After"), reason.String())
+		assert.Equal(t, want, c.RetryAfterHeader(GateResult{Reason: reason}), "the helper gives what the middleware sends")
 		var body map[string]string
 		require.NoError(t, json.Unmarshal(rec.Body.Bytes(), &body))
 		assert.Equal(t, map[string]string{"error": "rate_limited", "reason": reason.String()}, body)
+	}
+}
+
+func TestRetryAfterHeaderRoundsUp(t *testing.T) {
+	c := idleClient(t, nil, nil)
+	for every, want := range map[time.Duration]string{
+		100 * time.Millisecond:  "1", // at least 1
+		time.Second:             "1",
+		1001 * time.Millisecond: "2",
+		20 * time.Second:        "20",
+	} {
+		c.pulseEvery.Store(int64(every))
+		assert.Equal(t, want, c.RetryAfterHeader(GateResult{Reason: ReasonThrottled}), every.String())
 	}
 }
 

@@ -34,7 +34,7 @@ type Options struct {
 	Weight func(ctx context.Context, fullMethod string) float64
 
 	// FailedCodes are the status codes that make a call's health sample a
-	// failure. If nil, DefaultFailedCodes.
+	// failure. If nil, those of DefaultFailedCodes.
 	FailedCodes []codes.Code
 
 	// Skip, if set, lets the calls it returns true for through ungated and
@@ -42,10 +42,13 @@ type Options struct {
 	Skip func(ctx context.Context, fullMethod string) bool
 }
 
-// DefaultFailedCodes are the codes that count as a failure unless
+// DefaultFailedCodes returns the codes that count as a failure unless
 // Options.FailedCodes says otherwise: the server's own faults, not the
-// caller's.
-var DefaultFailedCodes = []codes.Code{codes.Internal, codes.Unavailable, codes.DeadlineExceeded}
+// caller's. Each call returns a fresh slice, which the caller may change.
+func DefaultFailedCodes() []codes.Code { return slices.Clone(defaultFailedCodes) }
+
+// defaultFailedCodes is what DefaultFailedCodes returns; never changed.
+var defaultFailedCodes = []codes.Code{codes.Internal, codes.Unavailable, codes.DeadlineExceeded}
 
 type resultKey struct{}
 
@@ -82,7 +85,7 @@ func (o Options) gate(ctx context.Context, c *waitstate.Client, method string) (
 func (o Options) failed(err error) bool {
 	failed := o.FailedCodes
 	if failed == nil {
-		failed = DefaultFailedCodes
+		failed = defaultFailedCodes
 	}
 	return err != nil && slices.Contains(failed, status.Code(err))
 }

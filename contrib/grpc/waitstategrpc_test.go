@@ -135,6 +135,23 @@ func TestFailedCodes(t *testing.T) {
 		"NotFound counts as a failure when the user says so")
 }
 
+func TestDefaultFailedCodesCannotBeChanged(t *testing.T) {
+	codesNow := waitstategrpc.DefaultFailedCodes()
+	assert.Equal(t, []codes.Code{codes.Internal, codes.Unavailable, codes.DeadlineExceeded}, codesNow)
+	codesNow[0] = codes.NotFound
+	assert.Equal(t, codes.Internal, waitstategrpc.DefaultFailedCodes()[0], "each call returns a fresh copy")
+
+	// The interceptors' default is untouched: NotFound is not a failure.
+	client, srv := newClient(t)
+	hc := serve(t, client, byPlan)
+	_, err := hc.Check(plan("pro"), &healthpb.HealthCheckRequest{Service: "unknown"})
+	assert.Equal(t, codes.NotFound, status.Code(err))
+	waitForTag(t, client, "pro", 1)
+	require.Eventually(t, func() bool { r, _ := healthOf(srv, "pro"); return r == 1 }, 15*time.Second, 5*time.Millisecond)
+	_, e := healthOf(srv, "pro")
+	assert.Zero(t, e, "NotFound is not among the default failed codes")
+}
+
 func TestStream(t *testing.T) {
 	client, srv := newClient(t)
 	hc := serve(t, client, byPlan)

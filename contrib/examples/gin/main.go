@@ -13,9 +13,7 @@ package main
 import (
 	"flag"
 	"log"
-	"math"
 	"net/http"
-	"strconv"
 	"time"
 
 	"github.com/gin-gonic/gin"
@@ -32,7 +30,7 @@ func gate(client *waitstate.Client, tag func(*gin.Context) string) gin.HandlerFu
 		t := tag(c)
 		res := client.Gate(t, 1)
 		if !res.Allowed {
-			c.Header("Retry-After", strconv.Itoa(max(1, int(math.Ceil(client.RetryAfter(res).Seconds())))))
+			c.Header("Retry-After", client.RetryAfterHeader(res))
 			c.AbortWithStatusJSON(http.StatusTooManyRequests, gin.H{"error": "rate_limited", "reason": res.Reason.String()})
 			return
 		}
