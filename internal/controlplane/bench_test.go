@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/waitstate/waitstate-go/internal/reflex"
 	"github.com/waitstate/waitstate-go/internal/wire"
 )
 
@@ -123,10 +124,10 @@ func BenchmarkEvaluate(b *testing.B) {
 				w.add(p, testNow.Add(-time.Duration(i%windowSlots)*w.width), nil)
 			}
 			rule := Rule{Name: "p95", TagName: "free", Metric: MetricLatencyP95, Operator: "gt", Threshold: 200, CooldownSeconds: 5}
-			var st ruleState
+			var st reflex.State
 			b.ReportAllocs()
 			for b.Loop() {
-				st.step(rule, w.metrics(testNow, time.Second, ""), testNow)
+				st.Step(rule, w.metrics(testNow, time.Second, "").Figures, testNow)
 			}
 		})
 	}

@@ -21,6 +21,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/waitstate/waitstate-go/internal/reflex"
 	"github.com/waitstate/waitstate-go/internal/wire"
 )
 
@@ -373,15 +374,8 @@ func (s *Server) SetPolicyJSON(site, raw string) {
 // state. A tag a rule newly measures (its MetricTag) is aggregated from
 // then on: its figures fill within one rule window.
 func (s *Server) SetRules(site string, rules ...Rule) error {
-	seen := map[string]bool{}
-	for _, r := range rules {
-		if err := r.Validate(); err != nil {
-			return err
-		}
-		if seen[r.Name] {
-			return fmt.Errorf("two rules named %q", r.Name)
-		}
-		seen[r.Name] = true
+	if err := reflex.ValidateSet(rules); err != nil {
+		return err
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -628,22 +622,12 @@ func (st *siteState) evaluate(cfg *resolved, now time.Time) []Event {
 	}
 	st.evaluated = now
 	wasFiring := st.anyFiring(cfg)
-	var events []Event
-	scopes := map[string]Metrics{} // by MetricTag, computed once per step
-	for _, r := range cfg.rules {
-		rs := st.firing[r.Name]
-		if rs == nil {
-			rs = &ruleState{}
-			st.firing[r.Name] = rs
-		}
-		m, ok := scopes[r.MetricTag]
-		if !ok {
-			m = st.window.metrics(now, cfg.window, r.MetricTag)
-			scopes[r.MetricTag] = m
-		}
-		if changed, v := rs.step(r, m, now); changed {
-			events = append(events, Event{At: now, Rule: r.Name, Fired: rs.firing, Value: v})
-		}
+	changes := reflex.Evaluate(cfg.rules, st.firing, func(tag string) reflex.Figures {
+		return st.window.metrics(now, cfg.window, tag).Figures
+	}, now)
+	events := make([]Event, 0, len(changes))
+	for _, c := range changes {
+		events = append(events, Event{At: now, Rule: c.Rule, Fired: c.Fired, Value: c.Value})
 	}
 	if len(events) > 0 {
 		st.bumps++ // one policy change per step, however many rules changed in it
@@ -660,7 +644,7 @@ func (st *siteState) evaluate(cfg *resolved, now time.Time) []Event {
 // anyFiring reports whether one of the site's rules is fired.
 func (st *siteState) anyFiring(cfg *resolved) bool {
 	for _, r := range cfg.rules {
-		if rs := st.firing[r.Name]; rs != nil && rs.firing {
+		if rs := st.firing[r.Name]; rs != nil && rs.Fired {
 			return true
 		}
 	}
@@ -701,7 +685,7 @@ func (st *siteState) version(cfg *resolved) int64 {
 // effective is the base policy with the site's firing rules applied. Call
 // with st.mu held.
 func (st *siteState) effective(cfg *resolved) Policy {
-	p := overlay(*cfg.base, cfg.rules, st.firing)
+	p := reflex.Overlay(*cfg.base, cfg.rules, reflex.FiredIn(st.firing))
 	p.Version = st.version(cfg)
 	return p
 }

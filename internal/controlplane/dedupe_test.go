@@ -15,6 +15,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/waitstate/waitstate-go/internal/reflex"
 	"github.com/waitstate/waitstate-go/internal/wire"
 )
 
@@ -187,7 +188,7 @@ func TestIncarnationChurnBounded(t *testing.T) {
 // one that pulsed more recently is kept.
 func TestIdleIncarnationsForgotten(t *testing.T) {
 	cfg := &resolved{leaseTTL: 10 * time.Second}
-	st := &siteState{firing: map[string]*ruleState{}, instances: map[string]*instance{}}
+	st := &siteState{firing: map[string]*reflex.State{}, instances: map[string]*instance{}}
 	at := time.Now()
 	pulse := func(instance, inc string, seq uint64, now time.Time) bool {
 		p := &Pulse{PulseBody: wire.PulseBody{InstanceID: instance, Incarnation: inc, Seq: seq, WindowMs: 1000}}

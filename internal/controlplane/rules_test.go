@@ -14,66 +14,6 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-func TestRuleHysteresis(t *testing.T) {
-	r := Rule{Name: "p95", Metric: MetricLatencyP95, Operator: "gt", Threshold: 200, MaxWeight: 0, CooldownSeconds: 5}
-	at := func(p95 float64) Metrics { return Metrics{LatencyP95Ms: p95} }
-	t0 := time.Unix(1000, 0)
-	var st ruleState
-
-	changed, _ := st.step(r, at(150), t0)
-	assert.False(t, changed || st.firing)
-	changed, v := st.step(r, at(250), t0.Add(time.Second))
-	assert.True(t, changed && st.firing)
-	assert.Equal(t, 250.0, v)
-
-	// Good for 4 s, bad again, then good: the cooldown starts over.
-	st.step(r, at(100), t0.Add(2*time.Second))
-	changed, _ = st.step(r, at(100), t0.Add(6*time.Second))
-	assert.False(t, changed, "4 s of good is less than the cooldown")
-	st.step(r, at(201), t0.Add(7*time.Second))
-	st.step(r, at(199), t0.Add(8*time.Second))
-	changed, _ = st.step(r, at(199), t0.Add(12*time.Second))
-	assert.False(t, changed)
-	assert.True(t, st.firing)
-	changed, _ = st.step(r, at(199), t0.Add(13*time.Second))
-	assert.True(t, changed, "5 s of good clears it")
-	assert.False(t, st.firing)
-
-	// Without data a latency rule is on the good side.
-	st = ruleState{}
-	st.step(r, at(900), t0)
-	st.step(r, at(math.NaN()), t0.Add(time.Second))
-	changed, _ = st.step(r, at(math.NaN()), t0.Add(6*time.Second))
-	assert.True(t, changed)
-
-	lt := Rule{Name: "quiet", Metric: MetricRPS, Operator: "lt", Threshold: 10, MaxWeight: 1}
-	st = ruleState{}
-	changed, _ = st.step(lt, Metrics{RPS: 5}, t0)
-	assert.True(t, changed && st.firing)
-	changed, _ = st.step(lt, Metrics{RPS: 10}, t0)
-	assert.True(t, changed, "no cooldown: clears at once")
-}
-
-func TestOverlayStrictestWins(t *testing.T) {
-	base := Policy{Version: 3, GlobalMaxWeight: 10, TagMaxWeights: map[string]float64{"enterprise": math.Inf(1), "pro": 8}}
-	rules := []Rule{
-		{Name: "a", TagName: "pro", MaxWeight: 5},
-		{Name: "b", TagName: "pro", MaxWeight: 2},
-		{Name: "c", TagName: "free", MaxWeight: 7},
-		{Name: "d", TagName: "", MaxWeight: 4},
-		{Name: "e", TagName: "batch", MaxWeight: 9},
-		{Name: "off", TagName: "enterprise", MaxWeight: 0},
-	}
-	firing := map[string]*ruleState{"a": {firing: true}, "b": {firing: true}, "c": {firing: true}, "d": {firing: true}, "e": {firing: true}, "off": {}}
-	p := overlay(base, rules, firing)
-	assert.Equal(t, 4.0, p.GlobalMaxWeight)
-	assert.Equal(t, 2.0, p.TagMaxWeights["pro"], "strictest of two rules")
-	assert.Equal(t, 4.0, p.TagMaxWeights["free"], "a tag rule never lifts a tag above the lowered global limit")
-	assert.Equal(t, 4.0, p.TagMaxWeights["batch"])
-	assert.True(t, math.IsInf(p.TagMaxWeights["enterprise"], 1), "a rule that is not firing changes nothing")
-	assert.Equal(t, 8.0, base.TagMaxWeights["pro"], "the base is not modified")
-}
-
 func TestFleetQuantile(t *testing.T) {
 	one := &Health{Requests: 100, LatencyMs: Latency{P50: 10, P95: 80, P99: 120, Max: 300}}
 	assert.InDelta(t, 80, fleetQuantile([]*Health{one}, 0.95), 0.01, "one instance: its own p95")
@@ -224,57 +164,16 @@ func TestRuleOperatorsAndScopes(t *testing.T) {
 	assert.InEpsilon(t, 10, site.LatencyP95Ms, 0.0625)
 	assert.InEpsilon(t, 400, ent.LatencyP95Ms, 0.0625, "a tag's own health")
 	assert.Equal(t, 4.0, ent.RPS, "a tag's own calls")
-	v, ok := batch.value("metric:queue_depth")
+	v, ok := batch.Value("metric:queue_depth")
 	assert.True(t, ok)
 	assert.Equal(t, 15.0, v, "the mean")
-	v, _ = batch.value("metric:queue_depth:max")
+	v, _ = batch.Value("metric:queue_depth:max")
 	assert.Equal(t, 20.0, v)
-	v, _ = site.value("metric:pool_wait_ms")
+	v, _ = site.Value("metric:pool_wait_ms")
 	assert.Equal(t, 7.0, v, "site-wide custom metrics")
-	_, ok = site.value("metric:queue_depth")
+	_, ok = site.Value("metric:queue_depth")
 	assert.False(t, ok, "no data: the good side")
 
-	for op, want := range map[string][3]bool{">": {false, false, true}, ">=": {false, true, true}, "<": {true, false, false},
-		"<=": {true, true, false}, "gt": {false, false, true}, "gte": {false, true, true}, "lt": {true, false, false}, "lte": {true, true, false}} {
-		for i, v := range []float64{1, 2, 3} {
-			assert.Equal(t, want[i], operators[op](v, 2), "%v %s 2", v, op)
-		}
-	}
-}
-
-func TestOverlayActions(t *testing.T) {
-	fired := func(names ...string) map[string]*ruleState {
-		m := map[string]*ruleState{}
-		for _, n := range names {
-			m[n] = &ruleState{firing: true}
-		}
-		return m
-	}
-	base := Policy{Version: 1, GlobalMaxWeight: 10, TagMaxWeights: map[string]float64{"enterprise": math.Inf(1)}}
-	rules := []Rule{
-		{Name: "block-free", TagName: "free", Action: ActionBlock},
-		{Name: "throttle-pro", TagName: "pro", Action: ActionThrottle, Percent: 50},
-		{Name: "throttle-pro-harder", TagName: "pro", Action: ActionThrottle, Percent: 20},
-		{Name: "cap-batch", TagName: "batch", Action: ActionCap, MaxWeight: 3},
-		{Name: "cap-batch-legacy", TagName: "batch", MaxWeight: 5},
-		{Name: "global-throttle", Action: ActionThrottle, Percent: 70},
-		{Name: "global-cap", MaxWeight: 4},
-		{Name: "loose-tag", TagName: "misc", Action: ActionThrottle, Percent: 90},
-	}
-	p := overlay(base, rules, fired("block-free", "throttle-pro"))
-	assert.Equal(t, map[string]float64{"free": 100, "pro": 50}, p.TagShedPercents)
-	assert.Equal(t, base.TagMaxWeights, p.TagMaxWeights)
-
-	p = overlay(base, rules, fired("throttle-pro", "throttle-pro-harder", "cap-batch", "cap-batch-legacy"))
-	assert.Equal(t, 80.0, p.TagShedPercents["pro"], "the strictest shed wins")
-	assert.Equal(t, 3.0, p.TagMaxWeights["batch"], "the lowest limit wins")
-
-	p = overlay(base, rules, fired("global-throttle", "global-cap", "loose-tag"))
-	assert.Equal(t, 30.0, p.GlobalShedPercent)
-	assert.Equal(t, 4.0, p.GlobalMaxWeight)
-	assert.Equal(t, 30.0, p.TagShedPercents["misc"], "a tag rule never loosens a global one")
-	assert.True(t, math.IsInf(p.TagMaxWeights["enterprise"], 1), "a base entry replaces the global limit")
-	assert.Nil(t, base.TagShedPercents, "the base is not modified")
 }
 
 // testNow is when windowOf adds its pulses.

@@ -7,6 +7,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/waitstate/waitstate-go/internal/reflex"
 	"github.com/waitstate/waitstate-go/internal/wire"
 )
 
@@ -44,7 +45,7 @@ func (t *tenant) site(name string) *siteState {
 	defer t.mu.Unlock()
 	st := t.sites[name]
 	if st == nil {
-		st = &siteState{firing: map[string]*ruleState{}, instances: map[string]*instance{}}
+		st = &siteState{firing: map[string]*reflex.State{}, instances: map[string]*instance{}}
 		t.sites[name] = st
 	}
 	return st
@@ -54,15 +55,15 @@ func (t *tenant) site(name string) *siteState {
 // field; no pulse of another site waits on it.
 type siteState struct {
 	mu        sync.Mutex
-	bumps     int64                 // policy changes made by its rules: one per evaluation step that changed any
-	firing    map[string]*ruleState // by rule name
-	evaluated time.Time             // when its rules were last stepped
-	window    aggWindow             // what its rules read
-	totals    Totals                // over every pulse counted
-	instances map[string]*instance  // by instance ID: which seqs each of its processes had counted
-	swept     time.Time             // when idle processes were last looked for
-	order     uint64                // pulses deduped, resends included
-	normal    time.Duration         // the clients' own pulse interval when an incident began
+	bumps     int64                    // policy changes made by its rules: one per evaluation step that changed any
+	firing    map[string]*reflex.State // by rule name
+	evaluated time.Time                // when its rules were last stepped
+	window    aggWindow                // what its rules read
+	totals    Totals                   // over every pulse counted
+	instances map[string]*instance     // by instance ID: which seqs each of its processes had counted
+	swept     time.Time                // when idle processes were last looked for
+	order     uint64                   // pulses deduped, resends included
+	normal    time.Duration            // the clients' own pulse interval when an incident began
 
 	// The policy JSON served, built once per policy.
 	cached struct {
@@ -228,8 +229,7 @@ func (w *aggWindow) live(now time.Time, f func(*slot)) {
 // metrics computes the figures of tag's traffic ("" is the whole site) over
 // the window ending at now, which is window long.
 func (w *aggWindow) metrics(now time.Time, window time.Duration, tag string) Metrics {
-	m := Metrics{ErrorRate: math.NaN(), LatencyP50Ms: math.NaN(), LatencyP95Ms: math.NaN(), LatencyP99Ms: math.NaN(),
-		Custom: map[string]MetricAgg{}}
+	m := Metrics{Figures: reflex.NoData()}
 	var total agg
 	processes := map[process]struct{}{}
 	w.live(now, func(s *slot) {

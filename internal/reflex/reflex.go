@@ -1,0 +1,381 @@
+// Package reflex is the one rule engine of WaitState: the schema of reflex
+// rules, their validation, their evaluation over a window of figures with
+// cooldown, and the overlay of fired rules on a base policy. The reference
+// control plane runs it over its fleet's merged pulses; a client runs it
+// over its own samples when the control plane is away. Neither has rules
+// of its own.
+package reflex
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"maps"
+	"math"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/waitstate/waitstate-go/internal/wire"
+)
+
+// Metric names what a rule watches, computed over a rule window, for the
+// whole site or for one tag's traffic (Rule.MetricTag).
+type Metric string
+
+// The metrics a rule can watch; a custom metric is "metric:<name>" (its mean
+// over the window's samples) or "metric:<name>:max" (their maximum).
+const (
+	// MetricLatencyP50 is the median latency in ms.
+	MetricLatencyP50 Metric = "latency_p50_ms"
+	// MetricLatencyP95 is the 95th percentile latency in ms.
+	MetricLatencyP95 Metric = "latency_p95_ms"
+	// MetricLatencyP99 is the 99th percentile latency in ms.
+	MetricLatencyP99 Metric = "latency_p99_ms"
+	// MetricErrorRate is failed samples over all samples, 0 to 1.
+	MetricErrorRate Metric = "error_rate"
+	// MetricRPS is the offered rate: Gate calls per second, allowed and
+	// denied, across the site's instances. Denied calls count, so shedding
+	// does not by itself make a rule on rps clear. One instance cannot see
+	// it, so a client does not evaluate it on its own.
+	MetricRPS Metric = "rps"
+)
+
+// Custom splits "metric:<name>" and "metric:<name>:max"; ok is false for
+// any other metric or a bad name.
+func (m Metric) Custom() (name string, useMax, ok bool) {
+	rest, ok := strings.CutPrefix(string(m), "metric:")
+	if !ok {
+		return "", false, false
+	}
+	name, useMax = strings.CutSuffix(rest, ":max")
+	return name, useMax, wire.ValidMetricName(name)
+}
+
+// Known reports whether m is a metric of the schema.
+func (m Metric) Known() bool {
+	_, _, custom := m.Custom()
+	return custom || slices.Contains([]Metric{MetricLatencyP50, MetricLatencyP95, MetricLatencyP99, MetricErrorRate, MetricRPS}, m)
+}
+
+// Action is what a fired rule does to its tag.
+type Action string
+
+// The actions.
+const (
+	// ActionBlock sheds every call of the tag (100 %).
+	ActionBlock Action = "block"
+	// ActionThrottle admits Percent % of the tag's calls and sheds the rest.
+	ActionThrottle Action = "throttle"
+	// ActionCap lowers the tag's weight limit to MaxWeight. A rule with no
+	// action is a cap.
+	ActionCap Action = "cap"
+)
+
+// Rule is a reflex rule: while Metric, measured on MetricTag's traffic
+// ("" is the whole site), is on the wrong side of Threshold, Action applies
+// to TagName ("" is every tag, through the policy's global fields). Once it
+// has fired it clears only after the metric has stayed on the good side
+// for CooldownSeconds: hysteresis, so it does not flap at the threshold. Of
+// several fired rules on one tag the strictest wins — the lowest weight
+// limit, the highest shed — and a tag rule never loosens a global one.
+type Rule struct {
+	Name            string  `json:"name"`
+	MetricTag       string  `json:"metricTag,omitempty"`
+	Metric          Metric  `json:"metric"`
+	Operator        string  `json:"operator"` // ">", ">=", "<", "<=" or "gt", "gte", "lt", "lte"
+	Threshold       float64 `json:"threshold"`
+	TagName         string  `json:"tagName"`
+	Action          Action  `json:"action,omitempty"`    // "" is ActionCap
+	Percent         float64 `json:"percent,omitempty"`   // ActionThrottle: the share admitted, 0 to 100
+	MaxWeight       float64 `json:"maxWeight,omitempty"` // ActionCap: the weight limit
+	CooldownSeconds float64 `json:"cooldownSeconds"`
+}
+
+// UnmarshalJSON reads a rule, refusing one that says neither what to do
+// (an action) nor a weight limit (a cap), and a throttle without a percent.
+func (r *Rule) UnmarshalJSON(data []byte) error {
+	type plain Rule
+	var raw struct {
+		plain
+		Percent   *float64 `json:"percent"`
+		MaxWeight *float64 `json:"maxWeight"`
+	}
+	if err := json.Unmarshal(data, &raw); err != nil {
+		return err
+	}
+	switch {
+	case raw.Action == "" && raw.MaxWeight == nil:
+		return fmt.Errorf("rule %q: no action and no maxWeight", raw.Name)
+	case raw.Action == ActionThrottle && raw.Percent == nil:
+		return fmt.Errorf("rule %q: throttle without a percent", raw.Name)
+	case raw.Action == ActionCap && raw.MaxWeight == nil:
+		return fmt.Errorf("rule %q: cap without a maxWeight", raw.Name)
+	}
+	*r = Rule(raw.plain)
+	if raw.Percent != nil {
+		r.Percent = *raw.Percent
+	}
+	if raw.MaxWeight != nil {
+		r.MaxWeight = *raw.MaxWeight
+	}
+	return nil
+}
+
+// operators maps every spelling of an operator to its comparison.
+var operators = map[string]func(v, threshold float64) bool{
+	">": func(v, t float64) bool { return v > t }, "gt": func(v, t float64) bool { return v > t },
+	">=": func(v, t float64) bool { return v >= t }, "gte": func(v, t float64) bool { return v >= t },
+	"<": func(v, t float64) bool { return v < t }, "lt": func(v, t float64) bool { return v < t },
+	"<=": func(v, t float64) bool { return v <= t }, "lte": func(v, t float64) bool { return v <= t },
+}
+
+// Compare applies operator op: whether v is on its side of threshold. An
+// unknown operator is false.
+func Compare(op string, v, threshold float64) bool {
+	f := operators[op]
+	return f != nil && f(v, threshold)
+}
+
+// Validate reports what is wrong with r, if anything.
+func (r Rule) Validate() error {
+	switch {
+	case r.Name == "":
+		return errors.New("rule has no name")
+	case !r.Metric.Known():
+		return fmt.Errorf("rule %q: unknown metric %q", r.Name, r.Metric)
+	case operators[r.Operator] == nil:
+		return fmt.Errorf("rule %q: operator must be >, >=, <, <= (or gt, gte, lt, lte), not %q", r.Name, r.Operator)
+	case math.IsNaN(r.Threshold) || math.IsInf(r.Threshold, 0):
+		return fmt.Errorf("rule %q: threshold must be a finite number", r.Name)
+	case r.Action != "" && r.Action != ActionBlock && r.Action != ActionThrottle && r.Action != ActionCap:
+		return fmt.Errorf("rule %q: action must be block, throttle or cap, not %q", r.Name, r.Action)
+	case r.Action == ActionThrottle && !(r.Percent >= 0 && r.Percent <= 100):
+		return fmt.Errorf("rule %q: percent must be in [0, 100]", r.Name)
+	case (r.Action == "" || r.Action == ActionCap) && !(r.MaxWeight >= 0):
+		return fmt.Errorf("rule %q: maxWeight must be >= 0", r.Name)
+	case !(r.CooldownSeconds >= 0):
+		return fmt.Errorf("rule %q: cooldownSeconds must be >= 0", r.Name)
+	}
+	return nil
+}
+
+// MaxRules bounds the rules of one site.
+const MaxRules = 256
+
+// ValidateSet reports what is wrong with a site's rules, if anything: a
+// rule that does not validate, two rules of one name, more than MaxRules.
+func ValidateSet(rules []Rule) error {
+	if len(rules) > MaxRules {
+		return fmt.Errorf("%d rules: at most %d", len(rules), MaxRules)
+	}
+	seen := make(map[string]bool, len(rules))
+	for _, r := range rules {
+		if err := r.Validate(); err != nil {
+			return err
+		}
+		if seen[r.Name] {
+			return fmt.Errorf("two rules named %q", r.Name)
+		}
+		seen[r.Name] = true
+	}
+	return nil
+}
+
+// ParseRules reads rules as JSON: an array of rules for the default site
+// (""), or an object from site to its array of rules.
+func ParseRules(data []byte) (map[string][]Rule, error) {
+	var list []Rule
+	bySite := map[string][]Rule{}
+	if err := json.Unmarshal(data, &list); err == nil {
+		bySite[""] = list
+	} else if err := json.Unmarshal(data, &bySite); err != nil {
+		return nil, fmt.Errorf("rules: want an array of rules or an object of site to rules: %w", err)
+	}
+	for site, rules := range bySite {
+		if err := ValidateSet(rules); err != nil {
+			return nil, fmt.Errorf("site %q: %w", site, err)
+		}
+	}
+	return bySite, nil
+}
+
+// Figures are what the rules read of one scope (the whole site or one
+// tag's traffic) over a rule window.
+type Figures struct {
+	RPS          float64                // offered Gate calls per second
+	ErrorRate    float64                // NaN without samples
+	LatencyP50Ms float64                // NaN without samples
+	LatencyP95Ms float64                // NaN without samples
+	LatencyP99Ms float64                // NaN without samples
+	Custom       map[string]wire.Metric // custom metrics, added up over the window
+}
+
+// NoData is the figures of a scope without samples: every health figure
+// NaN, nothing offered.
+func NoData() Figures {
+	nan := math.NaN()
+	return Figures{ErrorRate: nan, LatencyP50Ms: nan, LatencyP95Ms: nan, LatencyP99Ms: nan, Custom: map[string]wire.Metric{}}
+}
+
+// Value returns the metric a rule watches; ok is false without data.
+func (f Figures) Value(metric Metric) (float64, bool) {
+	var v float64
+	switch metric {
+	case MetricLatencyP50:
+		v = f.LatencyP50Ms
+	case MetricLatencyP95:
+		v = f.LatencyP95Ms
+	case MetricLatencyP99:
+		v = f.LatencyP99Ms
+	case MetricErrorRate:
+		v = f.ErrorRate
+	case MetricRPS:
+		v = f.RPS
+	default:
+		name, useMax, _ := metric.Custom()
+		agg, ok := f.Custom[name]
+		switch {
+		case !ok || agg.Count == 0:
+			v = math.NaN()
+		case useMax:
+			v = agg.Max
+		default:
+			v = agg.Sum / float64(agg.Count)
+		}
+	}
+	return v, !math.IsNaN(v)
+}
+
+// State is one rule's state in one site.
+type State struct {
+	Fired     bool
+	GoodSince time.Time // while fired: when the metric went good; zero while bad
+}
+
+// Step advances a rule's state to now given the figures of its scope, and
+// reports whether it fired or cleared. A metric without data (no samples
+// in the window) is on the good side: the load it measured is gone.
+func (st *State) Step(r Rule, f Figures, now time.Time) (changed bool, value float64) {
+	v, ok := f.Value(r.Metric)
+	bad := ok && Compare(r.Operator, v, r.Threshold)
+	switch {
+	case !st.Fired && bad:
+		st.Fired, st.GoodSince = true, time.Time{}
+		return true, v
+	case st.Fired && bad:
+		st.GoodSince = time.Time{}
+	case st.Fired && st.GoodSince.IsZero():
+		st.GoodSince = now
+		fallthrough
+	case st.Fired:
+		if now.Sub(st.GoodSince) >= time.Duration(r.CooldownSeconds*float64(time.Second)) {
+			st.Fired = false
+			return true, v
+		}
+	}
+	return false, v
+}
+
+// Change is a rule that fired or cleared in one evaluation.
+type Change struct {
+	Rule  string
+	Fired bool    // false: cleared
+	Value float64 // the metric then; NaN without data
+}
+
+// Evaluate steps each rule whose state states holds or can make, creating
+// the states it lacks, over the figures of its scope: figures(metricTag)
+// is called once per scope. It returns the rules that fired or cleared,
+// in the order of rules.
+func Evaluate(rules []Rule, states map[string]*State, figures func(metricTag string) Figures, now time.Time) []Change {
+	var changes []Change
+	scopes := map[string]Figures{}
+	for _, r := range rules {
+		st := states[r.Name]
+		if st == nil {
+			st = &State{}
+			states[r.Name] = st
+		}
+		f, ok := scopes[r.MetricTag]
+		if !ok {
+			f = figures(r.MetricTag)
+			scopes[r.MetricTag] = f
+		}
+		if changed, v := st.Step(r, f, now); changed {
+			changes = append(changes, Change{Rule: r.Name, Fired: st.Fired, Value: v})
+		}
+	}
+	return changes
+}
+
+// shed is the percent a rule sheds, and whether it sheds at all.
+func (r Rule) shed() (float64, bool) {
+	switch r.Action {
+	case ActionBlock:
+		return 100, true
+	case ActionThrottle:
+		return 100 - r.Percent, true
+	}
+	return 0, false
+}
+
+// Overlay returns base with the actions of the fired rules applied; base
+// is not changed. Global rules (TagName "") first: a cap lowers
+// GlobalMaxWeight, a block or throttle raises GlobalShedPercent. Then tag
+// rules, each starting from what the tag has after the global rules — its
+// own entry, else the global value — so a tag rule never loosens a global
+// one. Of several rules on one tag the strictest wins: the lowest limit,
+// the highest shed.
+func Overlay(base wire.Policy, rules []Rule, fired func(name string) bool) wire.Policy {
+	p := base
+	p.TagMaxWeights = make(map[string]float64, len(base.TagMaxWeights))
+	maps.Copy(p.TagMaxWeights, base.TagMaxWeights)
+	p.TagShedPercents = maps.Clone(base.TagShedPercents)
+	var active []Rule
+	for _, r := range rules {
+		if fired(r.Name) {
+			active = append(active, r)
+		}
+	}
+	for _, r := range active {
+		if r.TagName != "" {
+			continue
+		}
+		if pct, ok := r.shed(); ok {
+			p.GlobalShedPercent = max(p.GlobalShedPercent, pct)
+		} else {
+			p.GlobalMaxWeight = min(p.GlobalMaxWeight, r.MaxWeight)
+		}
+	}
+	for _, r := range active {
+		if r.TagName == "" {
+			continue
+		}
+		if pct, ok := r.shed(); ok {
+			cur, has := p.TagShedPercents[r.TagName]
+			if !has {
+				cur = p.GlobalShedPercent
+			}
+			if p.TagShedPercents == nil {
+				p.TagShedPercents = map[string]float64{}
+			}
+			p.TagShedPercents[r.TagName] = max(cur, pct)
+			continue
+		}
+		limit, has := p.TagMaxWeights[r.TagName]
+		if !has {
+			limit = p.GlobalMaxWeight
+		}
+		p.TagMaxWeights[r.TagName] = min(limit, r.MaxWeight)
+	}
+	return p
+}
+
+// FiredIn returns the fired test of Overlay for the states of a site.
+func FiredIn(states map[string]*State) func(string) bool {
+	return func(name string) bool {
+		st := states[name]
+		return st != nil && st.Fired
+	}
+}
