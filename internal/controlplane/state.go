@@ -284,7 +284,7 @@ func (a *agg) merge(b *agg) {
 // that send none) is combined with the merge by fleetQuantile.
 func (a *agg) quantiles() (p50, p95, p99 float64) {
 	if len(a.legacy) == 0 && a.hist != nil {
-		return histQuantile(a.hist, 0.50), histQuantile(a.hist, 0.95), histQuantile(a.hist, 0.99)
+		return wire.HistQuantile(a.hist, 0.50), wire.HistQuantile(a.hist, 0.95), wire.HistQuantile(a.hist, 0.99)
 	}
 	hs := a.legacy
 	if a.hist != nil {
@@ -296,30 +296,9 @@ func (a *agg) quantiles() (p50, p95, p99 float64) {
 			}
 		}
 		hs = append(hs[:len(hs):len(hs)], &Health{Requests: n, LatencyMs: Latency{
-			P50: histQuantile(a.hist, 0.50), P95: histQuantile(a.hist, 0.95), P99: histQuantile(a.hist, 0.99), Max: wire.HistMid(last) / 1000}})
+			P50: wire.HistQuantile(a.hist, 0.50), P95: wire.HistQuantile(a.hist, 0.95), P99: wire.HistQuantile(a.hist, 0.99), Max: wire.HistMid(last) / 1000}})
 	}
 	return fleetQuantile(hs, 0.50), fleetQuantile(hs, 0.95), fleetQuantile(hs, 0.99)
-}
-
-// histQuantile reads the q-quantile off a histogram, in ms: the midpoint of
-// the bucket that holds the ⌈q·n⌉-th request, within 6.25 % of the pooled
-// requests' own quantile. NaN when it is empty.
-func histQuantile(h *[wire.HistBuckets]uint64, q float64) float64 {
-	var n uint64
-	for _, c := range h {
-		n += c
-	}
-	if n == 0 {
-		return math.NaN()
-	}
-	rank := max(uint64(math.Ceil(q*float64(n))), 1)
-	var seen uint64
-	for i, c := range h {
-		if seen += c; seen >= rank {
-			return wire.HistMid(i) / 1000
-		}
-	}
-	return math.NaN() // unreachable: rank <= n
 }
 
 // meanWindow is the mean windowMs of the pulses within the window: the
