@@ -232,6 +232,7 @@ type leaseResponse struct {
 	LeaseTTLMs      json.RawMessage `json:"leaseTtlMs"`
 	PulseIntervalMs json.RawMessage `json:"pulseIntervalMs"`
 	SyncIntervalMs  json.RawMessage `json:"syncIntervalMs"`
+	Reflex          json.RawMessage `json:"reflex"`
 }
 
 // Bounds of what a response can set.
@@ -272,6 +273,10 @@ func parseLeaseResponse(data []byte) (leaseAnswer, error) {
 		if a.policy, err = parsePolicy(resp.Policy); err != nil {
 			return leaseAnswer{}, err
 		}
+	}
+	if len(resp.Reflex) != 0 && string(resp.Reflex) != "null" {
+		// A bad block is ignored, not the answer: its policy still applies.
+		a.reflex, a.reflexErr = parseReflex(resp.Reflex)
 	}
 	return a, nil
 }

@@ -1,12 +1,14 @@
 package waitstate
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"log/slog"
 	"math/rand/v2"
 	"net/http"
 	"net/url"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -71,6 +73,8 @@ type Client struct {
 	healthRequests uint64       // health samples in windows already cut
 	healthErrors   uint64
 	tagTotals      map[string]TagStats // by tag, in windows already cut: at most MaxWindowTags
+	reflex         *reflexBlock        // the last verified reflex block; nil: no rules
+	reflexErr      string              // the last refused block's error, logged once
 	events         []event             // callbacks to run, in order
 
 	// Owned by the pulse goroutine, then by Shutdown once it has joined it.
@@ -374,6 +378,8 @@ type leaseAnswer struct {
 	ttl        time.Duration // 0: the default lease
 	pulseEvery time.Duration // 0: unchanged
 	syncEvery  time.Duration // 0: unchanged
+	reflex     *reflexBlock  // nil: the site has no rules (or the block was refused)
+	reflexErr  error         // why the block was refused
 }
 
 // applyLease acts on a verified, parsed answer of /v1/pulse (fromPulse) or
@@ -398,6 +404,7 @@ func (c *Client) applyLeaseLocked(a leaseAnswer, fromPulse bool, gen uint64) {
 	if a.syncEvery > 0 {
 		c.syncEvery.Store(int64(a.syncEvery))
 	}
+	c.keepReflex(a)
 	held, p := c.policy, a.policy
 	switch {
 	case p == nil:
@@ -449,6 +456,40 @@ func (c *Client) applyLeaseLocked(a leaseAnswer, fromPulse bool, gen uint64) {
 		c.isReady = true
 		close(c.ready) // after publish: Ready's caller sees the policy in force
 	}
+}
+
+// keepReflex keeps the reflex block of a verified answer: a new block
+// replaces the one held, an answer without one forgets it, and a refused
+// block is counted and logged (once while the error stays the same) and
+// changes nothing. Call with c.mu held.
+func (c *Client) keepReflex(a leaseAnswer) {
+	switch {
+	case a.reflexErr != nil:
+		c.policyErrors.Add(1)
+		c.setError(a.reflexErr)
+		if msg := a.reflexErr.Error(); msg != c.reflexErr {
+			c.reflexErr = msg
+			c.log.Warn("waitstate: reflex rules refused; the policy still applies", "error", a.reflexErr)
+		}
+		return
+	case a.reflex == nil:
+		if c.reflex != nil {
+			c.log.Info("waitstate: the control plane sends no reflex rules any more")
+		}
+		c.reflex = nil
+	case c.reflex == nil || !bytes.Equal(c.reflex.raw, a.reflex.raw):
+		if c.reflex == nil || !slices.Equal(c.reflex.skip, a.reflex.skip) {
+			for _, why := range a.reflex.skip {
+				c.log.Warn("waitstate: a reflex rule will not run on this instance", "reason", why)
+			}
+		}
+		if c.reflex == nil || !slices.Equal(c.reflex.rules, a.reflex.rules) {
+			c.log.Info("waitstate: reflex rules received", "rules", len(a.reflex.rules), "local", len(a.reflex.local),
+				"fired", a.reflex.fired, "rule_window", a.reflex.window)
+		}
+		c.reflex = a.reflex
+	}
+	c.reflexErr = ""
 }
 
 // defaultLease is the lease when an answer names none: 3 × the longer

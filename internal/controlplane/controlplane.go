@@ -566,6 +566,16 @@ func (s *Server) PolicyOf(key, site string) (Policy, bool) {
 	return st.effective(cfg), true
 }
 
+// AnswerBuilds returns how many times the policy JSON and reflex block of
+// site under key were built: once per change of the policy, the rules or
+// what they fired, however many answers carried them.
+func (s *Server) AnswerBuilds(key, site string) int {
+	st := s.tenant(key).site(site)
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return st.builds
+}
+
 // MaxInFlight returns, for each instance and loop ("<instance> pulse" or
 // "<instance> sync") of a known key, the most requests it ever had in
 // flight at once.
@@ -691,14 +701,15 @@ func (st *siteState) effective(cfg *resolved) Policy {
 }
 
 // policy returns the policy JSON the site is served and its version (-1
-// for a raw policy), built once per policy; ok is false when there is
-// none. Call with st.mu held.
-func (st *siteState) policy(cfg *resolved) (json.RawMessage, int64, bool) {
+// for a raw policy), and the reflex block its answers carry (nil without
+// rules or a base policy), built once per change; ok is false when there
+// is no policy. Call with st.mu held.
+func (st *siteState) policy(cfg *resolved) (policy json.RawMessage, version int64, block json.RawMessage, ok bool) {
 	switch {
 	case cfg.raw != nil:
-		return cfg.raw, -1, true
+		return cfg.raw, -1, nil, true
 	case cfg.base == nil:
-		return nil, 0, false
+		return nil, 0, nil, false
 	}
 	c := &st.cached
 	if !c.ok || c.gen != cfg.gen || c.bumps != st.bumps {
@@ -706,7 +717,29 @@ func (st *siteState) policy(cfg *resolved) (json.RawMessage, int64, bool) {
 		if err != nil {
 			panic(err) // a base policy is validated before it is set
 		}
-		c.gen, c.bumps, c.json, c.version, c.ok = cfg.gen, st.bumps, raw, st.version(cfg), true
+		c.gen, c.bumps, c.json, c.reflex, c.version, c.ok = cfg.gen, st.bumps, raw, st.reflexBlock(cfg), st.version(cfg), true
+		st.builds++
 	}
-	return c.json, c.version, true
+	return c.json, c.version, c.reflex, true
+}
+
+// reflexBlock encodes the site's reflex block: its base policy, rules,
+// the rules fired now and the rule window; nil when it has no rules. Call
+// with st.mu held.
+func (st *siteState) reflexBlock(cfg *resolved) json.RawMessage {
+	if len(cfg.rules) == 0 {
+		return nil
+	}
+	b := reflex.Block{Base: *cfg.base, Rules: cfg.rules, Fired: []string{}, RuleWindowMs: cfg.window.Milliseconds()}
+	for _, r := range cfg.rules {
+		if rs := st.firing[r.Name]; rs != nil && rs.Fired {
+			b.Fired = append(b.Fired, r.Name)
+		}
+	}
+	slices.Sort(b.Fired)
+	raw, err := json.Marshal(b)
+	if err != nil {
+		panic(err) // rules and a base policy are validated before they are set
+	}
+	return raw
 }

@@ -335,16 +335,19 @@ func (s *Server) validToken(secret, key, site, bearer string) bool {
 	return got == site && g == float64(gen)
 }
 
-// leaseBody encodes an answer carrying policy (nil: null). The policy is
-// written as it is, so that a policy set with SetPolicyJSON reaches the
-// client even when it is not JSON.
-func leaseBody(policy json.RawMessage, cfg *resolved, pulseEvery time.Duration, f Faults) []byte {
+// leaseBody encodes an answer carrying policy (nil: null) and the reflex
+// block (nil: none). The policy is written as it is, so that a policy set
+// with SetPolicyJSON reaches the client even when it is not JSON.
+func leaseBody(policy, block json.RawMessage, cfg *resolved, pulseEvery time.Duration, f Faults) []byte {
 	if policy == nil {
 		policy = json.RawMessage("null")
 	}
-	b := make([]byte, 0, len(policy)+96)
+	b := make([]byte, 0, len(policy)+len(block)+112)
 	b = append(b, `{"policy":`...)
 	b = append(b, policy...)
+	if block != nil {
+		b = append(append(b, `,"reflex":`...), block...)
+	}
 	if cfg.leaseTTL > 0 {
 		b = strconv.AppendInt(append(b, `,"leaseTtlMs":`...), cfg.leaseTTL.Milliseconds(), 10)
 	}
@@ -378,7 +381,7 @@ func (s *Server) handlePolicy(w http.ResponseWriter, r *http.Request) {
 	cfg := s.resolve(site)
 	st := s.tenant(key).site(site)
 	st.mu.Lock()
-	raw, _, ok := st.policy(cfg)
+	raw, _, block, ok := st.policy(cfg)
 	pulseEvery := st.pulseInterval(cfg)
 	st.mu.Unlock()
 	if !ok {
@@ -388,7 +391,7 @@ func (s *Server) handlePolicy(w http.ResponseWriter, r *http.Request) {
 	if f.NullPolicy {
 		raw = nil
 	}
-	s.answer(w, r, secret, f, leaseBody(raw, cfg, pulseEvery, f))
+	s.answer(w, r, secret, f, leaseBody(raw, block, cfg, pulseEvery, f))
 }
 
 func (s *Server) handlePulse(w http.ResponseWriter, r *http.Request) {
@@ -425,7 +428,7 @@ func (s *Server) handlePulse(w http.ResponseWriter, r *http.Request) {
 	if counted {
 		events = st.evaluate(cfg, now)
 	}
-	raw, version, hasPolicy := st.policy(cfg)
+	raw, version, block, hasPolicy := st.policy(cfg)
 	pulseEvery := st.pulseInterval(cfg)
 	st.mu.Unlock()
 
@@ -453,7 +456,7 @@ func (s *Server) handlePulse(w http.ResponseWriter, r *http.Request) {
 	if f.NullPolicy {
 		policy = nil
 	}
-	s.answer(w, r, secret, f, leaseBody(policy, cfg, pulseEvery, f))
+	s.answer(w, r, secret, f, leaseBody(policy, block, cfg, pulseEvery, f))
 }
 
 // pulseCost estimates the bytes a logged pulse holds: its body and what

@@ -63,12 +63,15 @@ type siteState struct {
 	instances map[string]*instance     // by instance ID: which seqs each of its processes had counted
 	swept     time.Time                // when idle processes were last looked for
 	order     uint64                   // pulses deduped, resends included
+	builds    int                      // times the cached answer parts were built
 	normal    time.Duration            // the clients' own pulse interval when an incident began
 
-	// The policy JSON served, built once per policy.
+	// The policy JSON served and the reflex block, built once per change
+	// of the policy or the rules (gen) or of what the rules fired (bumps).
 	cached struct {
 		gen, bumps int64
 		json       json.RawMessage
+		reflex     json.RawMessage // nil: the site has no rules
 		version    int64
 		ok         bool
 	}

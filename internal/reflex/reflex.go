@@ -379,3 +379,14 @@ func FiredIn(states map[string]*State) func(string) bool {
 		return st != nil && st.Fired
 	}
 }
+
+// Block is the reflex block a control plane's answers carry while the
+// answer's site has rules: the policy before any rule acted, the rules,
+// the names of those fired now, and the rule window. A client that runs
+// the rules itself when the control plane is away starts from it.
+type Block struct {
+	Base         wire.Policy `json:"base"`
+	Rules        []Rule      `json:"rules"`
+	Fired        []string    `json:"fired"`
+	RuleWindowMs int64       `json:"ruleWindowMs"`
+}
