@@ -261,6 +261,31 @@ func (w *window) lookupHashed(tag string, h uint64, hashed bool, p *Policy) *tag
 	return &w.other
 }
 
+// find returns tag's own counter in w, or nil when w does not track it
+// (not seen yet, counted under OtherTag, or never stored). It registers
+// nothing: a reader off the Gate path uses it.
+func (w *window) find(tag string) *tagCounter {
+	h, ok := hashTag(w.seed, tag)
+	if !ok {
+		return nil
+	}
+	i := h & (tableSize - 1)
+	for range maxProbe {
+		c := w.slots[i].Load()
+		switch {
+		case c == nil || c == sealedSlot:
+			return nil
+		case c.hash == h && c.tag == tag:
+			if c.overflow {
+				return nil
+			}
+			return c
+		}
+		i = (i + 1) & (tableSize - 1)
+	}
+	return nil
+}
+
 // entry makes the table entry for a tag not found in it. It returns a
 // counter holding one of the window's places, or an overflow marker that
 // settles the tag under OtherTag, or nil: settled is true when the tag can

@@ -84,11 +84,19 @@ const (
 	SafeModeLastPolicy
 	// SafeModeOpen allows every call, with reason safe_mode.
 	SafeModeOpen
+	// SafeModeLocalRules runs the control plane's reflex rules on the
+	// client's own traffic: Gate answers with the last base policy the
+	// control plane sent, overlaid with the rules that the client's own
+	// samples fire (reasons as when enforcing). The rules the control plane
+	// reported fired start fired. Rules on "rps", a fleet figure, are not
+	// run. Without rules from the control plane it is SafeModeLastPolicy.
+	SafeModeLocalRules
 )
 
-var strategyNames = [...]string{SafeModeFixedRPS: "fixed_rps", SafeModeLastPolicy: "last_policy", SafeModeOpen: "open"}
+var strategyNames = [...]string{SafeModeFixedRPS: "fixed_rps", SafeModeLastPolicy: "last_policy", SafeModeOpen: "open",
+	SafeModeLocalRules: "local_rules"}
 
-// String returns "fixed_rps", "last_policy" or "open".
+// String returns "fixed_rps", "last_policy", "open" or "local_rules".
 func (s SafeModeStrategy) String() string { return enumName(strategyNames[:], int(s)) }
 
 // MarshalText returns the strategy's name.
@@ -96,7 +104,8 @@ func (s SafeModeStrategy) MarshalText() ([]byte, error) {
 	return marshalEnum(strategyNames[:], int(s), "safe-mode strategy")
 }
 
-// UnmarshalText accepts "fixed_rps", "last_policy" or "open".
+// UnmarshalText accepts "fixed_rps", "last_policy", "open" or
+// "local_rules".
 func (s *SafeModeStrategy) UnmarshalText(text []byte) error {
 	for i, name := range strategyNames {
 		if string(text) == name {
@@ -104,7 +113,7 @@ func (s *SafeModeStrategy) UnmarshalText(text []byte) error {
 			return nil
 		}
 	}
-	return fmt.Errorf("waitstate: unknown safe-mode strategy %q (want fixed_rps, last_policy or open)", text)
+	return fmt.Errorf("waitstate: unknown safe-mode strategy %q (want fixed_rps, last_policy, open or local_rules)", text)
 }
 
 func enumName(names []string, i int) string {

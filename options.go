@@ -120,7 +120,7 @@ const (
 	EnvInstanceID     = "WAITSTATE_INSTANCE_ID"       // Options.InstanceID
 	EnvPulseInterval  = "WAITSTATE_PULSE_INTERVAL"    // Options.PulseInterval, a Go duration such as "20s"
 	EnvSyncInterval   = "WAITSTATE_SYNC_INTERVAL"     // Options.SyncInterval, a Go duration
-	EnvSafeMode       = "WAITSTATE_SAFE_MODE"         // Options.SafeMode: fixed_rps, last_policy or open
+	EnvSafeMode       = "WAITSTATE_SAFE_MODE"         // Options.SafeMode: fixed_rps, last_policy, open or local_rules
 	EnvSafeModeMaxRPS = "WAITSTATE_SAFE_MODE_MAX_RPS" // Options.SafeModeMaxRPS, a whole number
 	EnvShadow         = "WAITSTATE_SHADOW"            // Options.Shadow: true or false (as strconv.ParseBool)
 )
@@ -157,7 +157,7 @@ func OptionsFromEnv() (Options, error) {
 	}
 	if v := os.Getenv(EnvSafeMode); v != "" {
 		if err := opts.SafeMode.UnmarshalText([]byte(v)); err != nil {
-			return Options{}, optionError("%s=%q is not fixed_rps, last_policy or open", EnvSafeMode, v)
+			return Options{}, optionError("%s=%q is not fixed_rps, last_policy, open or local_rules", EnvSafeMode, v)
 		}
 	}
 	if v := os.Getenv(EnvSafeModeMaxRPS); v != "" {
@@ -191,7 +191,7 @@ func (o Options) withDefaults() (Options, *url.URL, error) {
 	if len(o.InstanceID) > maxSiteIDLen || !validHeaderValue(o.InstanceID) {
 		return o, nil, optionError("InstanceID must be at most %d bytes of printable ASCII without spaces", maxSiteIDLen)
 	}
-	if o.SafeMode < SafeModeFixedRPS || o.SafeMode > SafeModeOpen {
+	if o.SafeMode < SafeModeFixedRPS || o.SafeMode > SafeModeLocalRules {
 		return o, nil, optionError("SafeMode %d is not a SafeModeStrategy", int(o.SafeMode))
 	}
 	if o.InitialPolicy != nil {

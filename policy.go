@@ -210,13 +210,20 @@ func (p *Policy) MarshalJSON() ([]byte, error) {
 	if err := p.Validate(); err != nil {
 		return nil, err
 	}
-	return wire.Policy{
-		Version:           p.Version,
-		GlobalMaxWeight:   p.GlobalMaxWeight,
-		TagMaxWeights:     p.TagMaxWeights,
-		GlobalShedPercent: p.GlobalShedPercent,
-		TagShedPercents:   p.TagShedPercents,
-	}.MarshalJSON()
+	return p.toWire().MarshalJSON()
+}
+
+// toWire is p as the wire and the rule engine hold a policy; its maps are
+// shared with p.
+func (p *Policy) toWire() wire.Policy {
+	return wire.Policy{Version: p.Version, GlobalMaxWeight: p.GlobalMaxWeight, TagMaxWeights: p.TagMaxWeights,
+		GlobalShedPercent: p.GlobalShedPercent, TagShedPercents: p.TagShedPercents}
+}
+
+// policyFromWire is w as a Policy; its maps are shared with w.
+func policyFromWire(w wire.Policy) *Policy {
+	return &Policy{Version: w.Version, GlobalMaxWeight: w.GlobalMaxWeight, TagMaxWeights: w.TagMaxWeights,
+		GlobalShedPercent: w.GlobalShedPercent, TagShedPercents: w.TagShedPercents}
 }
 
 // UnmarshalJSON decodes the wire form. A weight is a JSON number >= 0 (one

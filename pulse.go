@@ -47,6 +47,9 @@ func (c *Client) pulseLoop(ctx context.Context) error {
 		case <-t.C:
 		}
 		err := c.pulseTick(ctx)
+		if c.opts.SafeMode == SafeModeLocalRules {
+			c.localTick()
+		}
 		if ctx.Err() != nil {
 			return nil // shutting down: Shutdown sends what is pending
 		}
@@ -134,6 +137,7 @@ func (c *Client) cut(final bool) *pulse {
 	// Once the new view is published, a writer that still finds the old
 	// window finds it sealed and writes again in the new one.
 	r := old.report()
+	c.retire(old, c.win)
 	c.usageTotal += r.usage
 	c.bouncedTotal += r.bounced
 	c.reasonTotals.addAll(&r.reasons)

@@ -67,6 +67,10 @@ func (r Rule) Validate() error {
 	return nil
 }
 
+// MarshalJSON writes r in the control plane's schema: a cap's maxWeight
+// and a throttle's percent always, even when 0.
+func (r Rule) MarshalJSON() ([]byte, error) { return json.Marshal(r.internal()) }
+
 func (r Rule) internal() reflex.Rule {
 	return reflex.Rule{Name: r.Name, MetricTag: r.MetricTag, Metric: reflex.Metric(r.Metric), Operator: r.Operator,
 		Threshold: r.Threshold, TagName: r.TagName, Action: reflex.Action(r.Action), Percent: r.Percent, MaxWeight: r.MaxWeight,

@@ -75,6 +75,7 @@ type Client struct {
 	tagTotals      map[string]TagStats // by tag, in windows already cut: at most MaxWindowTags
 	reflex         *reflexBlock        // the last verified reflex block; nil: no rules
 	reflexErr      string              // the last refused block's error, logged once
+	local          localState          // the rules' own run, with SafeModeLocalRules
 	events         []event             // callbacks to run, in order
 
 	// Owned by the pulse goroutine, then by Shutdown once it has joined it.
@@ -165,6 +166,9 @@ func newClient(opts Options, clock func() time.Duration, wall func() time.Time) 
 	c.group, ctx = errgroup.WithContext(ctx)
 	c.group.Go(func() error { return c.pulseLoop(ctx) })
 	c.group.Go(func() error { return c.syncLoop(ctx) })
+	if o.SafeMode == SafeModeLocalRules {
+		c.group.Go(func() error { return c.localLoop(ctx) })
+	}
 	return c, nil
 }
 
@@ -178,6 +182,11 @@ func (c *Client) publish() {
 	switch {
 	case c.mode == ModeEnforcing, c.mode == ModeSafeMode && c.opts.SafeMode == SafeModeLastPolicy:
 		v.answer = answerPolicy
+	case c.mode == ModeSafeMode && c.opts.SafeMode == SafeModeLocalRules:
+		v.answer = answerPolicy // with no rules to run: the last policy
+		if c.local.policy != nil {
+			v.policy, v.index = c.local.policy, c.local.index
+		}
 	case c.mode == ModeSafeMode && c.opts.SafeMode == SafeModeOpen:
 		v.answer = answerSafeOpen
 	case c.mode == ModeSafeMode:
@@ -254,6 +263,10 @@ type Stats struct {
 	// ObserveTag, timers, the middleware) in the windows already sent, and
 	// those of them that failed.
 	HealthRequests, HealthErrors uint64
+	// LocalRulesFired names the reflex rules fired by the client's own
+	// evaluation (SafeModeLocalRules, in safe mode), sorted; empty
+	// otherwise.
+	LocalRulesFired []string
 }
 
 // TagStats are one tag's counts since New.
@@ -301,26 +314,28 @@ func (c *Client) Stats() Stats {
 	if c.policy != nil && !c.initial && c.mode == ModeEnforcing {
 		lease = max(c.leaseDeadline-c.clock(), 0)
 	}
+	localFired := slices.Clone(c.local.fired)
 	c.mu.Unlock()
 	v := c.view.Load()
 	s := Stats{
-		Usage:          usage,
-		Bounced:        bounced,
-		PulsesSent:     c.pulsesSent.Load(),
-		PulsesFailed:   c.pulsesFailed.Load(),
-		PulsesDropped:  c.pulsesDropped.Load(),
-		PolicyErrors:   c.policyErrors.Load(),
-		SyncsFailed:    c.syncsFailed.Load(),
-		MetricsDropped: c.metricsDropped.Load(),
-		PolicyVersion:  v.policy.Version,
-		Mode:           v.mode,
-		LeaseRemaining: lease,
-		PulseInterval:  c.pulseInterval(),
-		SyncInterval:   c.syncInterval(),
-		Decisions:      make(map[Reason]uint64, numReasons),
-		Shadow:         c.opts.Shadow,
-		HealthRequests: healthRequests,
-		HealthErrors:   healthErrors,
+		Usage:           usage,
+		Bounced:         bounced,
+		PulsesSent:      c.pulsesSent.Load(),
+		PulsesFailed:    c.pulsesFailed.Load(),
+		PulsesDropped:   c.pulsesDropped.Load(),
+		PolicyErrors:    c.policyErrors.Load(),
+		SyncsFailed:     c.syncsFailed.Load(),
+		MetricsDropped:  c.metricsDropped.Load(),
+		PolicyVersion:   v.policy.Version,
+		Mode:            v.mode,
+		LeaseRemaining:  lease,
+		PulseInterval:   c.pulseInterval(),
+		SyncInterval:    c.syncInterval(),
+		Decisions:       make(map[Reason]uint64, numReasons),
+		Shadow:          c.opts.Shadow,
+		HealthRequests:  healthRequests,
+		HealthErrors:    healthErrors,
+		LocalRulesFired: localFired,
 	}
 	for r, n := range reasons {
 		if n > 0 {
@@ -449,6 +464,10 @@ func (c *Client) applyLeaseLocked(a leaseAnswer, fromPulse bool, gen uint64) {
 	}
 	if c.mode == ModeSafeMode {
 		c.log.Info("waitstate: lease renewed, enforcing again", "version", c.policy.Version)
+		if c.local.policy != nil && c.win != nil {
+			c.win.relimit(c.policy)
+		}
+		c.leaveLocalRules()
 	}
 	c.setMode(ModeEnforcing)
 	c.publish()
@@ -477,6 +496,7 @@ func (c *Client) keepReflex(a leaseAnswer) {
 			c.log.Info("waitstate: the control plane sends no reflex rules any more")
 		}
 		c.reflex = nil
+		c.resetSampler()
 	case c.reflex == nil || !bytes.Equal(c.reflex.raw, a.reflex.raw):
 		if c.reflex == nil || !slices.Equal(c.reflex.skip, a.reflex.skip) {
 			for _, why := range a.reflex.skip {
@@ -488,6 +508,7 @@ func (c *Client) keepReflex(a leaseAnswer) {
 				"fired", a.reflex.fired, "rule_window", a.reflex.window)
 		}
 		c.reflex = a.reflex
+		c.resetSampler()
 	}
 	c.reflexErr = ""
 }
@@ -516,6 +537,9 @@ func (c *Client) leaseExpired() {
 		"strategy", c.opts.SafeMode.String(), "max_rps", c.opts.SafeModeMaxRPS)
 	c.setMode(ModeSafeMode)
 	c.safe.reset(now)
+	if c.opts.SafeMode == SafeModeLocalRules {
+		c.enterLocalRules(now)
+	}
 	c.publish()
 	c.mu.Unlock()
 	c.runCallbacks(false)

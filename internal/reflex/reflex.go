@@ -122,6 +122,31 @@ func (r *Rule) UnmarshalJSON(data []byte) error {
 	return nil
 }
 
+// MarshalJSON writes a rule in the schema that UnmarshalJSON reads: a
+// cap's maxWeight and a throttle's percent always, even when 0.
+func (r Rule) MarshalJSON() ([]byte, error) {
+	type plain Rule
+	out := struct {
+		plain
+		Percent   *float64 `json:"percent,omitempty"`
+		MaxWeight *float64 `json:"maxWeight,omitempty"`
+	}{plain: plain(r)}
+	switch r.Action {
+	case ActionThrottle:
+		out.Percent = &r.Percent
+	case "", ActionCap:
+		out.MaxWeight = &r.MaxWeight
+	default:
+		if r.Percent != 0 {
+			out.Percent = &r.Percent
+		}
+		if r.MaxWeight != 0 {
+			out.MaxWeight = &r.MaxWeight
+		}
+	}
+	return json.Marshal(out)
+}
+
 // operators maps every spelling of an operator to its comparison.
 var operators = map[string]func(v, threshold float64) bool{
 	">": func(v, t float64) bool { return v > t }, "gt": func(v, t float64) bool { return v > t },

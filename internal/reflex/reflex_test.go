@@ -1,12 +1,14 @@
 package reflex
 
 import (
+	"encoding/json"
 	"math"
 	"slices"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 
 	"github.com/waitstate/waitstate-go/internal/wire"
 )
@@ -110,4 +112,22 @@ func TestOperators(t *testing.T) {
 		}
 	}
 	assert.False(t, Compare("=", 2, 2), "an unknown operator never fires")
+}
+
+// TestRuleJSONRoundTrip: a rule encodes to what it decodes from, a cap at
+// weight 0 and a throttle admitting 0 % included: their values are never
+// left out as empty.
+func TestRuleJSONRoundTrip(t *testing.T) {
+	for _, r := range []Rule{
+		{Name: "cap-0", Metric: MetricErrorRate, Operator: ">", Threshold: 0.5, TagName: "free", MaxWeight: 0},
+		{Name: "cap-0-explicit", Metric: MetricErrorRate, Operator: ">", Threshold: 0.5, TagName: "free", Action: ActionCap},
+		{Name: "throttle-0", Metric: MetricErrorRate, Operator: ">", Threshold: 0.5, TagName: "free", Action: ActionThrottle},
+		{Name: "block", MetricTag: "ent", Metric: "metric:queue_depth:max", Operator: "gte", Threshold: 9, Action: ActionBlock, CooldownSeconds: 3},
+	} {
+		raw, err := json.Marshal(r)
+		require.NoError(t, err)
+		var back Rule
+		require.NoError(t, json.Unmarshal(raw, &back), string(raw))
+		assert.Equal(t, r, back, string(raw))
+	}
 }
