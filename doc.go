@@ -57,8 +57,10 @@
 //     returns the client to enforcing. [Options.SafeMode] chooses what Gate
 //     does then: [SafeModeFixedRPS] (the default) admits
 //     [Options.SafeModeMaxRPS] calls per second whatever the tag or weight,
-//     [SafeModeLastPolicy] keeps answering with the last policy, and
-//     [SafeModeOpen] allows everything.
+//     [SafeModeLastPolicy] keeps answering with the last policy,
+//     [SafeModeOpen] allows everything, and [SafeModeLocalRules] runs the
+//     control plane's reflex rules ([Client.Rules]) on the client's own
+//     samples.
 //
 // [Options.Shadow] makes a dry run: Gate decides and counts as usual but
 // always allows, marking would-be denials with [GateResult.Shadowed].
