@@ -29,7 +29,7 @@ func TestModeAndReasonNames(t *testing.T) {
 	_, err := Reason(200).MarshalText()
 	assert.Error(t, err, "no wire name to marshal")
 
-	for i, name := range []string{"fixed_rps", "last_policy", "open"} {
+	for i, name := range []string{"fixed_rps", "last_policy", "open", "local_rules"} {
 		s := SafeModeStrategy(i)
 		assert.Equal(t, name, s.String())
 		var back SafeModeStrategy

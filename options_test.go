@@ -110,6 +110,11 @@ func TestOptionsFromEnvDeployment(t *testing.T) {
 		SyncInterval: time.Minute, SafeMode: SafeModeLastPolicy, SafeModeMaxRPS: 200, Shadow: true}, o)
 	_, _, err = o.withDefaults()
 	assert.NoError(t, err, "they are valid Options")
+
+	t.Setenv(EnvSafeMode, "local_rules")
+	o, err = OptionsFromEnv()
+	require.NoError(t, err)
+	assert.Equal(t, SafeModeLocalRules, o.SafeMode)
 }
 
 func TestOptionsFromEnvRefusesBadValues(t *testing.T) {
