@@ -2,6 +2,7 @@ package waitstate
 
 import (
 	"encoding/json"
+	"fmt"
 	"sync"
 	"testing"
 	"time"
@@ -224,4 +225,37 @@ func TestLocalRulesStartFromTheControlPlane(t *testing.T) {
 		assert.Equal(t, GateResult{true, false, ReasonAllowed, 5}, c.Gate("x", 5))
 		assert.Empty(t, c.Stats().LocalRulesFired)
 	})
+}
+
+// BenchmarkLocalEvaluate is one run of the local rules in safe mode: a
+// sample of every scope the rules measure, then 10 rules stepped, over a
+// window tracking 1,024 tags that each have health samples. With a rule on
+// the whole site the sample sums every tag's histogram.
+func BenchmarkLocalEvaluate(b *testing.B) {
+	for _, site := range []bool{false, true} {
+		b.Run(map[bool]string{false: "tag-scopes", true: "with-site-scope"}[site], func(b *testing.B) {
+			var rules []reflex.Rule
+			for i := range 10 {
+				scope := fmt.Sprint("tenant-", i%5)
+				if site && i == 9 {
+					scope = ""
+				}
+				rules = append(rules, reflex.Rule{Name: fmt.Sprint("r", i), MetricTag: scope, Metric: reflex.MetricLatencyP95,
+					Operator: ">", Threshold: 1e6, TagName: fmt.Sprint("tenant-", i), Action: reflex.ActionBlock})
+			}
+			var clock fakeClock
+			c := localClient(b, &clock, blockOf(b, wire.Policy{Version: 1, GlobalMaxWeight: 10}, rules, 5*time.Second))
+			for i := range MaxWindowTags {
+				tag := fmt.Sprint("tenant-", i)
+				c.Gate(tag, 1)
+				c.ObserveTag(tag, time.Duration(i)*time.Microsecond, false)
+			}
+			enterSafeMode(b, c, &clock)
+			b.ReportAllocs()
+			for b.Loop() {
+				clock.advance(250 * time.Millisecond)
+				c.localTick()
+			}
+		})
+	}
 }

@@ -83,7 +83,7 @@ func TestShedConcurrent(t *testing.T) {
 }
 
 // enterSafeMode expires c's lease on its fake clock.
-func enterSafeMode(t *testing.T, c *Client, clock *fakeClock) {
+func enterSafeMode(t testing.TB, c *Client, clock *fakeClock) {
 	t.Helper()
 	clock.advance(2 * time.Hour)
 	c.leaseExpired()
