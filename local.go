@@ -315,8 +315,8 @@ func (ls *localState) figures(now time.Duration) func(scope string) reflex.Figur
 // mode: the rules the control plane reported fired start fired, their
 // cooldown counting from now. Call with c.mu held.
 func (c *Client) enterLocalRules(now time.Duration) {
+	c.leaveLocalRules()
 	ls := &c.local
-	ls.states, ls.fired, ls.policy, ls.index = nil, nil, nil, nil
 	b := c.localRules()
 	if b == nil {
 		return // with no rules: as SafeModeLastPolicy
@@ -328,9 +328,13 @@ func (c *Client) enterLocalRules(now time.Duration) {
 	c.evaluateLocal(now, true)
 }
 
-// leaveLocalRules ends the rules' own run. Call with c.mu held.
+// leaveLocalRules ends the rules' own run: the window's tags cache their
+// limits under the control plane's policy again. Call with c.mu held.
 func (c *Client) leaveLocalRules() {
 	ls := &c.local
+	if ls.policy != nil && c.win != nil && c.policy != nil {
+		c.win.relimit(c.policy)
+	}
 	ls.states, ls.fired, ls.policy, ls.index = nil, nil, nil, nil
 }
 

@@ -464,9 +464,6 @@ func (c *Client) applyLeaseLocked(a leaseAnswer, fromPulse bool, gen uint64) {
 	}
 	if c.mode == ModeSafeMode {
 		c.log.Info("waitstate: lease renewed, enforcing again", "version", c.policy.Version)
-		if c.local.policy != nil && c.win != nil {
-			c.win.relimit(c.policy)
-		}
 		c.leaveLocalRules()
 	}
 	c.setMode(ModeEnforcing)
