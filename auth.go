@@ -35,9 +35,9 @@ type call struct {
 	bearer string // the JWT, for GET /v1/policy
 }
 
-// do sends k and returns the body of a 2xx answer whose signature verifies.
-// A non-2xx answer is a *StatusError. Nothing secret ends up in an error.
-func (c *Client) do(ctx context.Context, k call) ([]byte, error) {
+// do sends k and returns the 2xx answer whose signature verifies. A non-2xx
+// answer is a *StatusError. Nothing secret ends up in an error.
+func (c *Client) do(ctx context.Context, k call) (*signedAnswer, error) {
 	var body io.Reader = http.NoBody
 	if k.body != nil {
 		body = bytes.NewReader(k.body)
@@ -80,10 +80,11 @@ func (c *Client) do(ctx context.Context, k call) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("waitstate: %s: reading response: %w", k.op, err)
 	}
-	if err := c.verifyResponse(path, nonce, resp.Header.Get(wire.HeaderSignature), data); err != nil {
+	sig := resp.Header.Get(wire.HeaderSignature)
+	if err := c.verifyResponse(path, nonce, sig, data); err != nil {
 		return nil, fmt.Errorf("waitstate: %s: %w", k.op, err)
 	}
-	return data, nil
+	return &signedAnswer{body: data, path: path, nonce: nonce, signature: sig}, nil
 }
 
 // verifyResponse accepts the body of a 2xx answer to the request with path
@@ -170,7 +171,7 @@ func (c *Client) fetchToken(ctx context.Context) (*token, error) {
 		return nil, err
 	}
 	received := c.clock()
-	data, err := c.do(ctx, call{op: "token", method: http.MethodPost, path: wire.PathToken, body: reqBody, signed: true})
+	ans, err := c.do(ctx, call{op: "token", method: http.MethodPost, path: wire.PathToken, body: reqBody, signed: true})
 	if err != nil {
 		return nil, err
 	}
@@ -178,7 +179,7 @@ func (c *Client) fetchToken(ctx context.Context) (*token, error) {
 		Token     string  `json:"token"`
 		ExpiresIn float64 `json:"expiresIn"`
 	}
-	if err := json.Unmarshal(data, &resp); err != nil {
+	if err := json.Unmarshal(ans.body, &resp); err != nil {
 		return nil, fmt.Errorf("waitstate: token: %w: %v", ErrBadResponse, err)
 	}
 	exp, err := c.validateToken(resp.Token)

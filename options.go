@@ -107,8 +107,30 @@ type Options struct {
 	OnModeChange func(from, to Mode)
 
 	// OnPolicyApplied, if set, is called with a copy of each policy applied
-	// from the control plane, as OnModeChange is.
+	// from the control plane (or restored from the PolicyStore), as
+	// OnModeChange is.
 	OnPolicyApplied func(p *Policy)
+
+	// PolicyStore, when set, keeps the last verified answer of the control
+	// plane that brought a policy or reflex rules, so that a process
+	// restarted while the control plane is away enforces what it enforced
+	// before. The client saves an answer off the Gate path, one save at a
+	// time, when the policy or the rules changed (and renews the snapshot
+	// every quarter of SnapshotMaxAge while they stay the same). New loads
+	// it once, waiting at most one second; a snapshot sealed with this
+	// SecretKey, answered to this PublishKey and SiteID and younger than
+	// SnapshotMaxAge is put in force: enforcing, with the lease New gives,
+	// Stats().Restored set and Ready returning at once, until the control
+	// plane's first policy replaces it whatever its version. Any other
+	// snapshot is logged and ignored, and a store that fails is logged and
+	// counted in Stats().StoreErrors: the client then starts as it would
+	// without one. FileStore keeps it in a file. If nil, nothing is kept.
+	// An Offline client neither loads nor saves.
+	PolicyStore PolicyStore
+
+	// SnapshotMaxAge is the age past which a snapshot is not restored. If
+	// zero, DefaultSnapshotMaxAge (24 hours). Negative is an error.
+	SnapshotMaxAge time.Duration
 }
 
 // Environment variables read by OptionsFromEnv.
@@ -123,6 +145,7 @@ const (
 	EnvSafeMode       = "WAITSTATE_SAFE_MODE"         // Options.SafeMode: fixed_rps, last_policy, open or local_rules
 	EnvSafeModeMaxRPS = "WAITSTATE_SAFE_MODE_MAX_RPS" // Options.SafeModeMaxRPS, a whole number
 	EnvShadow         = "WAITSTATE_SHADOW"            // Options.Shadow: true or false (as strconv.ParseBool)
+	EnvPolicyFile     = "WAITSTATE_POLICY_FILE"       // Options.PolicyStore: a FileStore at this path
 )
 
 // OptionsFromEnv returns Options filled from the WAITSTATE_* variables
@@ -164,6 +187,9 @@ func OptionsFromEnv() (Options, error) {
 		if opts.SafeModeMaxRPS, err = strconv.ParseUint(v, 10, 64); err != nil {
 			return Options{}, optionError("%s=%q is not a whole number", EnvSafeModeMaxRPS, v)
 		}
+	}
+	if v := os.Getenv(EnvPolicyFile); v != "" {
+		opts.PolicyStore = FileStore(v)
 	}
 	if v := os.Getenv(EnvShadow); v != "" {
 		if opts.Shadow, err = strconv.ParseBool(v); err != nil {
@@ -209,6 +235,12 @@ func (o Options) withDefaults() (Options, *url.URL, error) {
 	if o.SyncInterval < 0 {
 		return o, nil, optionError("SyncInterval is negative (%v)", o.SyncInterval)
 	}
+	if o.SnapshotMaxAge < 0 {
+		return o, nil, optionError("SnapshotMaxAge is negative (%v)", o.SnapshotMaxAge)
+	}
+	if fs, ok := o.PolicyStore.(*fileStore); ok && fs.path == "" {
+		return o, nil, optionError("PolicyStore: FileStore has an empty path")
+	}
 	if o.BaseURL == "" {
 		o.BaseURL = DefaultBaseURL
 	}
@@ -236,6 +268,9 @@ func (o Options) withDefaults() (Options, *url.URL, error) {
 	}
 	if o.SafeModeMaxRPS == 0 {
 		o.SafeModeMaxRPS = DefaultSafeModeMaxRPS
+	}
+	if o.SnapshotMaxAge == 0 {
+		o.SnapshotMaxAge = DefaultSnapshotMaxAge
 	}
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)

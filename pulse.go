@@ -76,7 +76,7 @@ func (c *Client) pulseTick(ctx context.Context) error {
 // signature verifies acknowledges p even when its body does not parse.
 func (c *Client) sendPulse(ctx context.Context, p *pulse) (pulseOutcome, error) {
 	rctx, cancel := context.WithTimeout(ctx, c.pulseInterval())
-	data, err := c.do(rctx, call{op: "pulse", method: http.MethodPost, path: wire.PathPulse, body: p.body, signed: true})
+	ans, err := c.do(rctx, call{op: "pulse", method: http.MethodPost, path: wire.PathPulse, body: p.body, signed: true})
 	cancel()
 	if err != nil {
 		var se *StatusError
@@ -93,12 +93,13 @@ func (c *Client) sendPulse(ctx context.Context, p *pulse) (pulseOutcome, error) 
 		return pulseRetry, err
 	}
 	c.pulsesSent.Add(1)
-	a, err := parseLeaseResponse(data)
+	a, err := parseLeaseResponse(ans.body)
 	if err != nil {
 		c.policyErrors.Add(1)
 		c.setError(err)
 		return pulseAcked, fmt.Errorf("waitstate: pulse response: %w", err)
 	}
+	a.from = ans
 	c.applyLease(a, true, 0)
 	return pulseAcked, nil
 }

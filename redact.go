@@ -14,9 +14,22 @@ const redacted = "[REDACTED]"
 // String describes o without its secret key, and with any password in
 // BaseURL's userinfo masked.
 func (o Options) String() string {
-	return fmt.Sprintf("waitstate.Options{PublishKey:%q SecretKey:%s BaseURL:%q SiteID:%q InstanceID:%q PulseInterval:%v SyncInterval:%v SafeMode:%v SafeModeMaxRPS:%d Shadow:%t Offline:%t InitialPolicy:%t}",
+	return fmt.Sprintf("waitstate.Options{PublishKey:%q SecretKey:%s BaseURL:%q SiteID:%q InstanceID:%q PulseInterval:%v SyncInterval:%v SafeMode:%v SafeModeMaxRPS:%d Shadow:%t Offline:%t InitialPolicy:%t PolicyStore:%s SnapshotMaxAge:%v}",
 		o.PublishKey, o.secretShown(), redactURL(o.BaseURL), o.SiteID, o.InstanceID, o.PulseInterval, o.SyncInterval,
-		o.SafeMode, o.SafeModeMaxRPS, o.Shadow, o.Offline, o.InitialPolicy != nil)
+		o.SafeMode, o.SafeModeMaxRPS, o.Shadow, o.Offline, o.InitialPolicy != nil, storeShown(o.PolicyStore), o.SnapshotMaxAge)
+}
+
+// storeShown names a PolicyStore without printing it: a store of the
+// user's may hold a password. A FileStore shows its path.
+func storeShown(s PolicyStore) string {
+	switch s := s.(type) {
+	case nil:
+		return "nil"
+	case *fileStore:
+		return s.String()
+	default:
+		return fmt.Sprintf("%T", s)
+	}
 }
 
 func (o Options) secretShown() string {
@@ -46,6 +59,8 @@ func (o Options) LogValue() slog.Value {
 		slog.String("safe_mode", o.SafeMode.String()),
 		slog.Bool("shadow", o.Shadow),
 		slog.Bool("offline", o.Offline),
+		slog.String("policy_store", storeShown(o.PolicyStore)),
+		slog.Duration("snapshot_max_age", o.SnapshotMaxAge),
 	)
 }
 
@@ -65,8 +80,11 @@ func (o Options) MarshalJSON() ([]byte, error) {
 		SafeModeMaxRPS uint64
 		Shadow         bool
 		Offline        bool
+		PolicyStore    string
+		SnapshotMaxAge string
 	}{o.PublishKey, o.secretShown(), redactURL(o.BaseURL), o.SiteID, o.InstanceID, o.PulseInterval.String(),
-		o.SyncInterval.String(), o.SafeMode, o.SafeModeMaxRPS, o.Shadow, o.Offline})
+		o.SyncInterval.String(), o.SafeMode, o.SafeModeMaxRPS, o.Shadow, o.Offline, storeShown(o.PolicyStore),
+		o.SnapshotMaxAge.String()})
 }
 
 // redactURL masks the password of a URL's userinfo.

@@ -23,6 +23,7 @@ type syncState struct {
 // backoff and full jitter until the first success, then syncs every sync
 // interval in force (jittered) until ctx ends.
 func (c *Client) syncLoop(ctx context.Context) error {
+	c.runCallbacks(false) // those of a policy restored in New
 	st := &syncState{backoff: min(time.Second, c.syncInterval())}
 	t := time.NewTimer(c.syncTick(ctx, st))
 	defer t.Stop()
@@ -69,7 +70,7 @@ func (c *Client) syncOnce(ctx context.Context, st *syncState) error {
 		return err
 	}
 	gen := c.pulseGenNow()
-	data, err := c.getPolicy(ctx, st.tok.value)
+	ans, err := c.getPolicy(ctx, st.tok.value)
 	var se *StatusError
 	if errors.As(err, &se) && se.StatusCode == http.StatusUnauthorized {
 		st.tok = nil
@@ -77,12 +78,12 @@ func (c *Client) syncOnce(ctx context.Context, st *syncState) error {
 			return err
 		}
 		gen = c.pulseGenNow()
-		data, err = c.getPolicy(ctx, st.tok.value)
+		ans, err = c.getPolicy(ctx, st.tok.value)
 	}
 	if err != nil {
 		return err
 	}
-	a, err := parseLeaseResponse(data)
+	a, err := parseLeaseResponse(ans.body)
 	if err == nil && a.policy == nil {
 		err = fmt.Errorf("%w: policy is null", ErrBadResponse)
 	}
@@ -90,6 +91,7 @@ func (c *Client) syncOnce(ctx context.Context, st *syncState) error {
 		c.policyErrors.Add(1)
 		return fmt.Errorf("waitstate: policy: %w", err)
 	}
+	a.from = ans
 	c.applyLease(a, false, gen)
 	return nil
 }
@@ -116,7 +118,7 @@ func (c *Client) ensureToken(ctx context.Context, st *syncState) error {
 	return nil
 }
 
-func (c *Client) getPolicy(ctx context.Context, bearer string) ([]byte, error) {
+func (c *Client) getPolicy(ctx context.Context, bearer string) (*signedAnswer, error) {
 	rctx, cancel := context.WithTimeout(ctx, c.syncInterval())
 	defer cancel()
 	return c.do(rctx, call{op: "policy", method: http.MethodGet, path: wire.PathPolicy, bearer: bearer})

@@ -60,6 +60,7 @@ type Client struct {
 	policy         *Policy      // the last applied policy (or InitialPolicy); nil before the first
 	index          *policyIndex // of policy, or of fallback while policy is nil
 	initial        bool         // policy is Options.InitialPolicy: no lease, any version replaces it
+	restored       bool         // policy came from the PolicyStore: any version replaces it
 	fallback       *Policy      // DefaultPolicy, in force until then
 	win            *window      // the live window; nil after the final cut
 	leaseDeadline  time.Duration
@@ -77,10 +78,16 @@ type Client struct {
 	reflexErr      string              // the last refused block's error, logged once
 	local          localState          // the rules' own run, with SafeModeLocalRules
 	events         []event             // callbacks to run, in order
+	saves          chan *pendingSave   // to the store goroutine, latest only; nil without a PolicyStore
+	saved          savedState          // what the store holds, as far as the client knows
 
 	// Owned by the pulse goroutine, then by Shutdown once it has joined it.
 	seq     uint64
 	pending *pulse
+
+	// Owned by New, then by the store goroutine, then by Shutdown.
+	storeBusy    chan struct{} // closed when the store's last call returns; nil before the first
+	storeFailing bool          // the last save failed
 
 	pulsesSent     atomic.Uint64
 	pulsesFailed   atomic.Uint64
@@ -88,6 +95,7 @@ type Client struct {
 	policyErrors   atomic.Uint64
 	syncsFailed    atomic.Uint64
 	metricsDropped atomic.Uint64
+	storeErrors    atomic.Uint64
 	lastErr        atomic.Pointer[string]
 
 	callbacks chan struct{} // held while callbacks run: one at a time
@@ -160,6 +168,10 @@ func newClient(opts Options, clock func() time.Duration, wall func() time.Time) 
 		c.cancel = func() {}
 		return c, nil
 	}
+	if o.PolicyStore != nil {
+		c.saves = make(chan *pendingSave, 1)
+		c.restore()
+	}
 
 	ctx, cancel := context.WithCancel(context.Background())
 	c.cancel = cancel
@@ -168,6 +180,9 @@ func newClient(opts Options, clock func() time.Duration, wall func() time.Time) 
 	c.group.Go(func() error { return c.syncLoop(ctx) })
 	if o.SafeMode == SafeModeLocalRules {
 		c.group.Go(func() error { return c.localLoop(ctx) })
+	}
+	if o.PolicyStore != nil {
+		c.group.Go(func() error { return c.storeLoop(ctx) })
 	}
 	return c, nil
 }
@@ -267,6 +282,11 @@ type Stats struct {
 	// evaluation (SafeModeLocalRules, in safe mode), sorted; empty
 	// otherwise.
 	LocalRulesFired []string
+	// Restored reports whether the policy in force came from the
+	// PolicyStore: true from New until the control plane's first policy.
+	Restored bool
+	// StoreErrors counts the PolicyStore's failed loads and saves.
+	StoreErrors uint64
 }
 
 // TagStats are one tag's counts since New.
@@ -315,6 +335,7 @@ func (c *Client) Stats() Stats {
 		lease = max(c.leaseDeadline-c.clock(), 0)
 	}
 	localFired := slices.Clone(c.local.fired)
+	restored := c.restored
 	c.mu.Unlock()
 	v := c.view.Load()
 	s := Stats{
@@ -336,6 +357,8 @@ func (c *Client) Stats() Stats {
 		HealthRequests:  healthRequests,
 		HealthErrors:    healthErrors,
 		LocalRulesFired: localFired,
+		Restored:        restored,
+		StoreErrors:     c.storeErrors.Load(),
 	}
 	for r, n := range reasons {
 		if n > 0 {
@@ -366,6 +389,7 @@ func (c *Client) Shutdown(ctx context.Context) error {
 	}
 	close(c.done)
 	err := c.flush(ctx)
+	c.saveQueued(ctx) // an answer the flush, or the last pulse, brought
 
 	c.mu.Lock()
 	c.closed = true
@@ -395,6 +419,8 @@ type leaseAnswer struct {
 	syncEvery  time.Duration // 0: unchanged
 	reflex     *reflexBlock  // nil: the site has no rules (or the block was refused)
 	reflexErr  error         // why the block was refused
+	from       *signedAnswer // the answer as received, for the PolicyStore
+	restored   time.Time     // non-zero: a snapshot's answer, received then
 }
 
 // applyLease acts on a verified, parsed answer of /v1/pulse (fromPulse) or
@@ -423,9 +449,9 @@ func (c *Client) applyLeaseLocked(a leaseAnswer, fromPulse bool, gen uint64) {
 	held, p := c.policy, a.policy
 	switch {
 	case p == nil:
-	case c.initial:
-		// The control plane's first policy replaces the initial one,
-		// whatever either version.
+	case c.initial, c.restored:
+		// The control plane's first policy replaces the initial or the
+		// restored one, whatever either version.
 	case fromPulse && held != nil && p.Version <= held.Version:
 		p = nil // a pulse brings only newer policies
 	case !fromPulse && gen != c.pulseGen && held != nil && held.Version > p.Version:
@@ -437,24 +463,38 @@ func (c *Client) applyLeaseLocked(a leaseAnswer, fromPulse bool, gen uint64) {
 		if fromPulse {
 			c.pulseGen++
 		}
-		c.policy, c.initial = p, false
+		c.policy, c.initial, c.restored = p, false, !a.restored.IsZero()
 		c.index = newPolicyIndex(p, c.seed)
 		if c.win != nil {
 			c.win.relimit(p) // before publish: Gate checks which policy a limit is for
 		}
-		c.log.Info("waitstate: policy applied", "version", p.Version,
-			"tag_limits", len(p.TagMaxWeights), "tag_shed_percents", len(p.TagShedPercents))
+		if c.restored {
+			var rules int
+			if c.reflex != nil {
+				rules = len(c.reflex.rules)
+			}
+			c.log.Info("waitstate: policy restored from the policy store", "version", p.Version,
+				"received", a.restored.UTC().Format(time.RFC3339), "reflex_rules", rules)
+		} else {
+			c.log.Info("waitstate: policy applied", "version", p.Version,
+				"tag_limits", len(p.TagMaxWeights), "tag_shed_percents", len(p.TagShedPercents))
+		}
 		if c.opts.OnPolicyApplied != nil {
 			c.events = append(c.events, event{policy: p.Clone()})
 		}
+	}
+	if c.restored {
+		c.saved = savedState{policy: c.policy, reflex: c.reflexRaw(), received: a.restored}
+	} else {
+		c.noteAnswer(a)
 	}
 	if c.policy == nil || c.initial {
 		c.publish()
 		return // no lease to renew
 	}
 	ttl := a.ttl
-	if ttl <= 0 {
-		ttl = c.defaultLease()
+	if ttl <= 0 || c.restored {
+		ttl = c.defaultLease() // a restored answer's lease ran from when it was received
 	}
 	c.leaseDeadline = c.clock() + ttl
 	if c.leaseTimer == nil {
