@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log"
 	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/waitstate/waitstate-go"
@@ -158,4 +159,42 @@ func Example_waitForPolicy() {
 	fmt.Println("free:", client.Gate("free", 1).Reason)
 	// Output:
 	// free: tag_max_weight
+}
+
+// A process restarted while the control plane is down enforces the policy
+// it had, from its first call, when it keeps it in a FileStore.
+func ExampleFileStore() {
+	srv := waitstatetest.NewServer()
+	defer srv.Close()
+	srv.SetPolicy("", &waitstate.Policy{Version: 3, GlobalMaxWeight: 10, TagMaxWeights: map[string]float64{"free": 0}})
+	dir, err := os.MkdirTemp("", "waitstate-example-")
+	if err != nil {
+		panic(err)
+	}
+	defer os.RemoveAll(dir)
+	path := filepath.Join(dir, "waitstate.snapshot")
+	opts := srv.Options()
+	opts.PolicyStore = waitstate.FileStore(path)
+
+	first, err := waitstate.New(opts)
+	if err != nil {
+		panic(err)
+	}
+	// The first policy is saved as soon as it is applied.
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		if _, err := os.Stat(path); err == nil {
+			break
+		}
+	}
+	srv.SetFaults(waitstatetest.Faults{Down: true}) // the control plane goes away
+	_ = first.Close()                               // and the process restarts
+
+	restarted, err := waitstate.New(opts)
+	if err != nil {
+		panic(err)
+	}
+	defer restarted.Close()
+	s := restarted.Stats()
+	fmt.Println(restarted.Gate("free", 1).Reason, s.Mode, s.Restored, s.PolicyVersion)
+	// Output: tag_max_weight enforcing true 3
 }
