@@ -66,6 +66,9 @@
 // always allows, marking would-be denials with [GateResult.Shadowed].
 // [Options.InitialPolicy] enforces a policy from New until the control
 // plane's first one; [Options.Offline] runs without a control plane at all.
+// [Options.PolicyStore] keeps the last verified answer across restarts
+// ([FileStore] keeps it in a file): a process restarted while the control
+// plane is away enforces the policy it had from its first call.
 // [Options.OnModeChange] and [Options.OnPolicyApplied] report changes, off
 // the Gate path.
 //

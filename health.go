@@ -20,6 +20,7 @@ const (
 	fineSub     = 1 << fineSubBits
 	fineMaxUs   = 1<<32 - 1
 	fineBuckets = (32-fineSubBits)*fineSub + fineSub // 464
+	fineWords   = (fineBuckets + 63) / 64            // of a bitmap of the buckets
 )
 
 func fineIndex(us uint64) int {
@@ -51,15 +52,40 @@ func fineMid(i int) float64 {
 // health is one tag's samples in one window. Its request count is the sum
 // of its buckets, so a sample is one add, plus one for an error, both under
 // the sample's reservation.
+//
+// used marks the buckets that hold samples, so that a reader visits only
+// those (a window's samples fall in a few dozen of its 464 buckets): a
+// bucket's bit is set before its first add, so every bucket a reader can
+// see a sample in has its bit set by then. Once set, a bit is only loaded:
+// every sample reads used, and it comes first, on a cache line of its own
+// (a health is allocated in a 4 KiB size class, so it starts on a line),
+// where no counter's add takes the line away from the readers.
 type health struct {
+	used    [fineWords]atomic.Uint64
 	errors  atomic.Uint64
 	buckets [fineBuckets]atomic.Uint64
 }
 
 func (h *health) observe(latency time.Duration, failed bool) {
-	h.buckets[fineIndex(uint64(max(latency, 0)/time.Microsecond))].Add(1)
+	i := fineIndex(uint64(max(latency, 0) / time.Microsecond))
+	if w, bit := &h.used[i>>6], uint64(1)<<(i&63); w.Load()&bit == 0 {
+		w.Or(bit)
+	}
+	h.buckets[i].Add(1)
 	if failed {
 		h.errors.Add(1)
+	}
+}
+
+// addTo adds h's errors and buckets to errors and buckets, loading only
+// the buckets used.
+func (h *health) addTo(errors *uint64, buckets *[fineBuckets]uint64) {
+	*errors += h.errors.Load()
+	for w := range h.used {
+		for word := h.used[w].Load(); word != 0; word &= word - 1 {
+			i := w<<6 | bits.TrailingZeros64(word)
+			buckets[i] += h.buckets[i].Load()
+		}
 	}
 }
 
@@ -94,12 +120,7 @@ func (s *healthSum) merge(o *healthSum) {
 	}
 }
 
-func (s *healthSum) add(h *health) {
-	s.errors += h.errors.Load()
-	for i := range h.buckets {
-		s.buckets[i] += h.buckets[i].Load()
-	}
-}
+func (s *healthSum) add(h *health) { h.addTo(&s.errors, &s.buckets) }
 
 // wire returns the pulse's health object, or nil without samples.
 func (s *healthSum) wire() *wire.Health {

@@ -358,3 +358,63 @@ func TestTagFloodProbeIsBounded(t *testing.T) {
 	assert.EqualValues(t, 4*MaxWindowTags, r.usage)
 	assert.EqualValues(t, 3*MaxWindowTags, r.tags[OtherTag].Usage)
 }
+
+// TestHealthReadsUsedBuckets: a reader that visits only the buckets marked
+// used sees every sample: in every bucket, and while writers are still
+// adding, never more than was added and, once they are done, exactly that.
+func TestHealthReadsUsedBuckets(t *testing.T) {
+	var h health
+	var want [fineBuckets]uint64
+	for i := range fineBuckets {
+		for range i%3 + 1 {
+			h.observe(time.Duration(fineLower(i))*time.Microsecond, i%2 == 0)
+			want[i]++
+		}
+	}
+	var errors uint64
+	var got [fineBuckets]uint64
+	h.addTo(&errors, &got)
+	assert.Equal(t, want, got, "every bucket, the last word's included")
+
+	var live health
+	const writers, each = 4, 20_000
+	var wg sync.WaitGroup
+	for w := range writers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r := rand.New(rand.NewPCG(uint64(w), 1))
+			for range each {
+				live.observe(time.Duration(r.IntN(1<<20))*time.Microsecond, false)
+			}
+		}()
+	}
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	var prev uint64
+	for reading := true; reading; {
+		select {
+		case <-done:
+			reading = false
+		default:
+		}
+		var n uint64
+		var b [fineBuckets]uint64
+		live.addTo(&n, &b)
+		var total uint64
+		for _, c := range b {
+			total += c
+		}
+		require.GreaterOrEqual(t, total, prev, "readings only grow")
+		require.LessOrEqual(t, total, uint64(writers*each))
+		prev = total
+	}
+	var b [fineBuckets]uint64
+	var n uint64
+	live.addTo(&n, &b)
+	var total uint64
+	for _, c := range b {
+		total += c
+	}
+	assert.EqualValues(t, writers*each, total)
+}

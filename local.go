@@ -154,12 +154,8 @@ func (s *scopeSums) read(w *window, scope string) {
 }
 
 func (s *scopeSums) addHealth(h *health) {
-	if h == nil {
-		return
-	}
-	s.errors += h.errors.Load()
-	for i := range h.buckets {
-		s.buckets[i] += h.buckets[i].Load()
+	if h != nil {
+		h.addTo(&s.errors, &s.buckets)
 	}
 }
 
