@@ -115,13 +115,14 @@ func BenchmarkEvaluate(b *testing.B) {
 			r := rand.New(rand.NewPCG(1, 2))
 			var w aggWindow
 			w.reset(time.Second / windowSlots)
+			processes := make([]incarnation, 1000)
 			for i := range n {
 				us := make([]uint64, 50+i%100)
 				for j := range us {
 					us[j] = uint64(10_000 * math.Exp(0.6*r.NormFloat64()))
 				}
 				p := &Pulse{PulseBody: wire.PulseBody{InstanceID: strconv.Itoa(i % 1000), UsageDelta: 100, Health: instanceHealth(us)}}
-				w.add(p, testNow.Add(-time.Duration(i%windowSlots)*w.width), nil)
+				w.add(p, &processes[i%1000], testNow.Add(-time.Duration(i%windowSlots)*w.width), nil)
 			}
 			rule := Rule{Name: "p95", TagName: "free", Metric: MetricLatencyP95, Operator: "gt", Threshold: 200, CooldownSeconds: 5}
 			var st reflex.State

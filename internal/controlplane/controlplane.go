@@ -601,7 +601,7 @@ func (st *siteState) fit(cfg *resolved) {
 // reports false for a pulse already counted, and shared as dedupe does.
 // Call with st.mu held.
 func (st *siteState) count(p *Pulse, cfg *resolved, now time.Time) (counted, shared bool) {
-	fresh, shared := st.dedupe(p, cfg, now)
+	inc, fresh, shared := st.dedupe(p, cfg, now)
 	if !fresh {
 		return false, shared
 	}
@@ -619,7 +619,7 @@ func (st *siteState) count(p *Pulse, cfg *resolved, now time.Time) (counted, sha
 		st.totals.Tags[tag] = TagCount{Usage: prev.Usage + c.Usage, Bounced: prev.Bounced + c.Bounced}
 	}
 	st.fit(cfg)
-	st.window.add(p, now, cfg.watched)
+	st.window.add(p, inc, now, cfg.watched)
 	return true, shared
 }
 

@@ -25,6 +25,11 @@ import (
 //     lease it can hold) is forgotten, and an instance with none left with
 //     it, by a sweep that runs at most once per sweepEvery of pulses.
 //
+//  4. An instance's latest is the incarnation that pulsed last (nil once
+//     forgotten): most pulses come from it, and are found without a map
+//     lookup. Another incarnation that pulses, having pulsed before, was
+//     therefore overtaken by latest: two processes pulse at once.
+//
 // A forgotten incarnation that pulses again starts a new record: a resend
 // of a pulse counted before it was forgotten would count twice. Both bounds
 // are far beyond what a live process needs: it resends only until
@@ -88,6 +93,8 @@ type incarnation struct {
 // instance is what a site keeps of one instance ID.
 type instance struct {
 	incarnations map[string]*incarnation // by incarnation; at most maxIncarnations
+	latest       *incarnation            // the one that pulsed last (invariant 4); nil once forgotten
+	latestName   string                  // its name
 	shared       bool                    // two of them were seen pulsing at once (logged once)
 }
 
@@ -103,36 +110,37 @@ func idleAfter(cfg *resolved, inc *incarnation) time.Duration {
 	return 10 * max(lease, 3*inc.window)
 }
 
-// dedupe reports whether p is to be counted and records it; shared is true
-// the first time p shows two processes pulsing under one instance ID at
-// once: p's incarnation had pulsed before, and another has pulsed since.
-// Call with st.mu held.
-func (st *siteState) dedupe(p *Pulse, cfg *resolved, now time.Time) (fresh, shared bool) {
+// dedupe reports whether p is to be counted and records it, and returns
+// the record of p's process; shared is true the first time p shows two
+// processes pulsing under one instance ID at once: p's incarnation had
+// pulsed before, and another has pulsed since. Call with st.mu held.
+func (st *siteState) dedupe(p *Pulse, cfg *resolved, now time.Time) (inc *incarnation, fresh, shared bool) {
 	st.sweep(cfg, now)
 	in := st.instances[p.InstanceID]
 	if in == nil {
 		in = &instance{incarnations: map[string]*incarnation{}}
 		st.instances[p.InstanceID] = in
 	}
-	inc := in.incarnations[p.Incarnation]
-	if inc == nil {
-		if len(in.incarnations) >= maxIncarnations {
-			in.evictIdlest()
-		}
-		inc = &incarnation{}
-		in.incarnations[p.Incarnation] = inc
-	} else if !in.shared {
-		for name, other := range in.incarnations {
-			if name != p.Incarnation && other.order > inc.order {
-				in.shared, shared = true, true
-				break
+	if in.latest != nil && in.latestName == p.Incarnation {
+		inc = in.latest
+	} else {
+		inc = in.incarnations[p.Incarnation]
+		switch {
+		case inc == nil:
+			if len(in.incarnations) >= maxIncarnations {
+				in.evictIdlest()
 			}
+			inc = &incarnation{}
+			in.incarnations[p.Incarnation] = inc
+		case !in.shared && in.latest != nil:
+			in.shared, shared = true, true // it pulsed before, and latest since
 		}
+		in.latest, in.latestName = inc, p.Incarnation
 	}
 	st.order++
 	inc.last, inc.order = now, st.order
 	inc.window = max(inc.window, time.Duration(max(p.WindowMs, 0))*time.Millisecond)
-	return inc.seen.fresh(p.Seq), shared
+	return inc, inc.seen.fresh(p.Seq), shared
 }
 
 // evictIdlest forgets the incarnation that pulsed least recently.
@@ -143,6 +151,9 @@ func (in *instance) evictIdlest() {
 		if inc.order < order {
 			idlest, order = name, inc.order
 		}
+	}
+	if in.latest == in.incarnations[idlest] {
+		in.latest = nil
 	}
 	delete(in.incarnations, idlest)
 }
@@ -157,6 +168,9 @@ func (st *siteState) sweep(cfg *resolved, now time.Time) {
 	for id, in := range st.instances {
 		for name, inc := range in.incarnations {
 			if now.Sub(inc.last) > idleAfter(cfg, inc) {
+				if in.latest == inc {
+					in.latest = nil
+				}
 				delete(in.incarnations, name)
 			}
 		}

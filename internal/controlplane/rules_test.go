@@ -184,8 +184,13 @@ var testNow = time.Unix(1_764_230_400, 0)
 func windowOf(pulses []*Pulse, watched ...string) *aggWindow {
 	var w aggWindow
 	w.reset(time.Second / windowSlots)
+	processes := map[[2]string]*incarnation{}
 	for _, p := range pulses {
-		w.add(p, testNow, watched)
+		key := [2]string{p.InstanceID, p.Incarnation}
+		if processes[key] == nil {
+			processes[key] = &incarnation{}
+		}
+		w.add(p, processes[key], testNow, watched)
 	}
 	return &w
 }

@@ -95,7 +95,7 @@ type slot struct {
 	n         int64 // the slot's index since the epoch; live while within the window
 	pulses    int
 	windowMs  int64 // sum of the pulses' windowMs
-	processes map[process]struct{}
+	processes map[*incarnation]struct{} // the processes that pulsed in it
 	site      agg
 	tags      map[string]*agg // the tags the rules watch
 }
@@ -125,19 +125,18 @@ func (w *aggWindow) slot(now time.Time) *slot {
 	return s
 }
 
-// process names one client process: its instance ID and its incarnation.
-type process struct{ instance, incarnation string }
-
-// add adds a pulse to the slot of now: its site-wide figures and those of
-// the watched tags.
-func (w *aggWindow) add(p *Pulse, now time.Time, watched []string) {
+// add adds a pulse of the process inc to the slot of now: its site-wide
+// figures and those of the watched tags. A process is known by its
+// record: one whose record was forgotten while it lived (past
+// maxIncarnations) and made again counts twice within the window.
+func (w *aggWindow) add(p *Pulse, inc *incarnation, now time.Time, watched []string) {
 	s := w.slot(now)
 	s.pulses++
 	s.windowMs += max(p.WindowMs, 0)
 	if s.processes == nil {
-		s.processes = map[process]struct{}{}
+		s.processes = map[*incarnation]struct{}{}
 	}
-	s.processes[process{p.InstanceID, p.Incarnation}] = struct{}{}
+	s.processes[inc] = struct{}{}
 	s.site.add(p.UsageDelta+p.BouncedDelta, p.Health, p.Metrics)
 	for _, tag := range watched {
 		tc, ok := p.Tags[tag]
@@ -234,7 +233,7 @@ func (w *aggWindow) live(now time.Time, f func(*slot)) {
 func (w *aggWindow) metrics(now time.Time, window time.Duration, tag string) Metrics {
 	m := Metrics{Figures: reflex.NoData()}
 	var total agg
-	processes := map[process]struct{}{}
+	processes := map[*incarnation]struct{}{}
 	w.live(now, func(s *slot) {
 		m.Pulses += s.pulses
 		for id := range s.processes {
