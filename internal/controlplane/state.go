@@ -94,7 +94,7 @@ type aggWindow struct {
 type slot struct {
 	n         int64 // the slot's index since the epoch; live while within the window
 	pulses    int
-	windowMs  int64 // sum of the pulses' windowMs
+	windowMs  int64                     // sum of the pulses' windowMs
 	processes map[*incarnation]struct{} // the processes that pulsed in it
 	site      agg
 	tags      map[string]*agg // the tags the rules watch
