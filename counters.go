@@ -89,8 +89,11 @@ const sealBit = 1 << 63
 // allocation the first time the window sees it, and its health and metrics
 // with one allocation each on their first sample.
 type window struct {
-	seed     uint64
-	start    time.Duration // client clock when the window opened
+	seed  uint64
+	start time.Duration // client clock when the window opened
+	// all holds every health sample of the window, tagged or not, while a
+	// local rule reads the whole site (see local.go); nil otherwise.
+	all      atomic.Pointer[health]
 	slots    [tableSize]atomic.Pointer[tagCounter]
 	n        atomic.Int32 // places taken, at most MaxWindowTags
 	full     atomic.Bool  // a tag was refused a place: no more are given

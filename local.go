@@ -31,6 +31,12 @@ import (
 //     ObserveTag and Record never wait on it. A reading may see a sample's
 //     latency before its error; the next reading of the same window sees
 //     both, so the difference is never lost, only late by one sample.
+//  5. While a local rule reads the whole site, each window also keeps all
+//     its health samples in one histogram (window.all), so that a reading
+//     of the site reads one histogram, not one per tag. It is made with
+//     the window, or, for the live window, before the sampler's first
+//     reading of the site in it, and never removed: every reading of the
+//     site in one window reads the same histogram.
 //
 // The client samples while it holds rules it can run, whatever the mode,
 // so that entering safe mode finds the last rule window already measured.
@@ -43,6 +49,7 @@ var localEpoch = time.Unix(1<<30, 0)
 type localState struct {
 	block   *reflexBlock           // what the scopes were set up for; nil: not sampling
 	scopes  []string               // the scopes the local rules measure; "" is the whole site
+	site    bool                   // scopes holds ""
 	win     *window                // the window that last holds the readings of
 	last    map[string]*scopeSums  // by scope: the last reading of win
 	scratch *scopeSums             // a reading being taken
@@ -112,6 +119,10 @@ func (c *Client) resetSampler() {
 	if slices.Equal(scopes, ls.scopes) {
 		return
 	}
+	ls.site = slices.Contains(scopes, "")
+	if c.win != nil {
+		c.keepAll(c.win) // before the first reading below (invariant 5)
+	}
 	ls.scopes, ls.win, ls.ring = scopes, c.win, nil
 	ls.last, ls.carry = map[string]*scopeSums{}, map[string]*scopeDelta{}
 	for _, scope := range scopes {
@@ -120,6 +131,14 @@ func (c *Client) resetSampler() {
 			s.read(c.win, scope)
 		}
 		ls.last[scope] = s
+	}
+}
+
+// keepAll gives w a histogram of all its samples when a local rule reads
+// the whole site (invariant 5). Call with c.mu held.
+func (c *Client) keepAll(w *window) {
+	if c.local.block != nil && c.local.site && w.all.Load() == nil {
+		w.all.Store(new(health))
 	}
 }
 
@@ -137,6 +156,11 @@ func (s *scopeSums) read(w *window, scope string) {
 	s.errors, s.metrics = 0, nil
 	clear(s.buckets[:])
 	if scope == "" {
+		s.addMetrics(w.site.metrics.Load())
+		if all := w.all.Load(); all != nil { // invariant 5
+			s.addHealth(all)
+			return
+		}
 		for i := range w.slots {
 			if t := w.slots[i].Load(); t.tracked() {
 				s.addHealth(t.health.Load())
@@ -144,7 +168,6 @@ func (s *scopeSums) read(w *window, scope string) {
 		}
 		s.addHealth(w.other.health.Load())
 		s.addHealth(w.site.health.Load())
-		s.addMetrics(w.site.metrics.Load())
 		return
 	}
 	if t := w.find(scope); t != nil {

@@ -3,6 +3,8 @@ package waitstate
 import (
 	"encoding/json"
 	"fmt"
+	"math"
+	"math/rand/v2"
 	"sync"
 	"testing"
 	"time"
@@ -229,8 +231,9 @@ func TestLocalRulesStartFromTheControlPlane(t *testing.T) {
 
 // BenchmarkLocalEvaluate is one run of the local rules in safe mode: a
 // sample of every scope the rules measure, then 10 rules stepped, over a
-// window tracking 1,024 tags that each have health samples. With a rule on
-// the whole site the sample sums every tag's histogram.
+// window tracking 1,024 tags that each have 64 health samples spread over
+// some 40 histogram buckets. With a rule on the whole site the sample sums
+// every tag's histogram.
 func BenchmarkLocalEvaluate(b *testing.B) {
 	for _, site := range []bool{false, true} {
 		b.Run(map[bool]string{false: "tag-scopes", true: "with-site-scope"}[site], func(b *testing.B) {
@@ -245,10 +248,13 @@ func BenchmarkLocalEvaluate(b *testing.B) {
 			}
 			var clock fakeClock
 			c := localClient(b, &clock, blockOf(b, wire.Policy{Version: 1, GlobalMaxWeight: 10}, rules, 5*time.Second))
+			r := rand.New(rand.NewPCG(1, 2))
 			for i := range MaxWindowTags {
 				tag := fmt.Sprint("tenant-", i)
 				c.Gate(tag, 1)
-				c.ObserveTag(tag, time.Duration(i)*time.Microsecond, false)
+				for range 64 { // latencies around 20 ms, over some 40 buckets
+					c.ObserveTag(tag, time.Duration(20_000*math.Exp(0.8*r.NormFloat64()))*time.Microsecond, false)
+				}
 			}
 			enterSafeMode(b, c, &clock)
 			b.ReportAllocs()

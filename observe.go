@@ -27,6 +27,9 @@ func (c *Client) ObserveTag(tag string, latency time.Duration, failed bool) {
 		return // shut down
 	}
 	v.win.extra(tag, v.policy).healthOf().observe(latency, failed)
+	if all := v.win.all.Load(); all != nil {
+		all.observe(latency, failed)
+	}
 	r.exit()
 }
 

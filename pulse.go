@@ -133,6 +133,7 @@ func (c *Client) cut(final bool) *pulse {
 		c.win = nil
 	} else {
 		c.win = newWindow(c.seed, now)
+		c.keepAll(c.win)
 	}
 	c.publish()
 	// Once the new view is published, a writer that still finds the old
