@@ -65,8 +65,8 @@ func (o Options) LogValue() slog.Value {
 }
 
 // MarshalJSON encodes the settings of o that are data, with the secret key
-// redacted; the HTTP client, logger, initial policy and callbacks are left
-// out.
+// redacted and the policy store named as String names it; the HTTP client,
+// logger, initial policy and callbacks are left out.
 func (o Options) MarshalJSON() ([]byte, error) {
 	return json.Marshal(struct {
 		PublishKey     string

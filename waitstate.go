@@ -483,7 +483,7 @@ func (c *Client) applyLeaseLocked(a leaseAnswer, fromPulse bool, gen uint64) {
 			c.events = append(c.events, event{policy: p.Clone()})
 		}
 	}
-	if c.restored {
+	if !a.restored.IsZero() {
 		c.saved = savedState{policy: c.policy, reflex: c.reflexRaw(), received: a.restored}
 	} else {
 		c.noteAnswer(a)
@@ -493,8 +493,8 @@ func (c *Client) applyLeaseLocked(a leaseAnswer, fromPulse bool, gen uint64) {
 		return // no lease to renew
 	}
 	ttl := a.ttl
-	if ttl <= 0 || c.restored {
-		ttl = c.defaultLease() // a restored answer's lease ran from when it was received
+	if ttl <= 0 {
+		ttl = c.defaultLease() // restore clears a snapshot's: its lease ran from when it was received
 	}
 	c.leaseDeadline = c.clock() + ttl
 	if c.leaseTimer == nil {

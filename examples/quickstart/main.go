@@ -749,12 +749,9 @@ func outage(ctx context.Context, strategy waitstate.SafeModeStrategy) (*measure,
 		}
 	}
 	sim.ready(ctx)
-	var m *measure
 	err = sim.run(ctx, compareScript)
-	sim.mu.Lock()
-	m = sim.meas
-	sim.mu.Unlock()
-	sim.work.Wait()
+	sim.work.Wait() // the requests in flight are timed into the measure
+	m := sim.meas   // only run writes it, and run has returned
 	if err == nil && m == nil {
 		err = errors.New("nothing was measured")
 	}
