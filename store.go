@@ -46,10 +46,13 @@ const DefaultSnapshotMaxAge = 24 * time.Hour
 const (
 	loadTimeout = time.Second     // New never waits longer on Load
 	saveTimeout = 5 * time.Second // nor a save on Save
-	// maxSnapshot bounds a snapshot read: a 1 MiB body in base64 and the
-	// fields around it fit well within it.
-	maxSnapshot = 2 * wire.MaxBody
 )
+
+// MaxSnapshotBytes bounds a snapshot: the client never saves a larger one
+// and refuses a larger one loaded. A store may refuse to hold or hand back
+// more. (The control plane's answer is at most 1 MiB, and a snapshot holds
+// it in base64 with a few short fields.)
+const MaxSnapshotBytes = 2 << 20
 
 // ErrBadSnapshot wraps the reason a snapshot loaded from a PolicyStore was
 // not restored. The client then starts as it would without a store.
@@ -80,12 +83,12 @@ func (s *fileStore) Load(ctx context.Context) ([]byte, error) {
 		return nil, err
 	}
 	defer f.Close()
-	data, err := io.ReadAll(io.LimitReader(f, maxSnapshot+1))
+	data, err := io.ReadAll(io.LimitReader(f, MaxSnapshotBytes+1))
 	if err != nil {
 		return nil, err
 	}
-	if len(data) > maxSnapshot {
-		return nil, fmt.Errorf("%s is larger than a snapshot can be (%d bytes)", s.path, maxSnapshot)
+	if len(data) > MaxSnapshotBytes {
+		return nil, fmt.Errorf("%s is larger than a snapshot can be (%d bytes)", s.path, MaxSnapshotBytes)
 	}
 	return data, nil
 }
@@ -203,7 +206,61 @@ func (c *Client) sealSnapshot(s pendingSave) ([]byte, error) {
 		ReceivedMs: s.received.UnixMilli(),
 	}
 	snap.Seal = wire.Sign(c.opts.SecretKey, snap.sealCanonical())
-	return json.Marshal(snap)
+	data, err := json.Marshal(snap)
+	if err == nil && len(data) > MaxSnapshotBytes { // cannot happen: the answer is at most 1 MiB
+		err = fmt.Errorf("the snapshot is %d bytes, more than MaxSnapshotBytes", len(data))
+	}
+	return data, err
+}
+
+// decodeSnapshot decodes data as a snapshot, without checking more than
+// its size and format. Errors wrap ErrBadSnapshot.
+func decodeSnapshot(data []byte) (snapshot, error) {
+	var snap snapshot
+	if len(data) > MaxSnapshotBytes {
+		return snap, fmt.Errorf("%w: %d bytes, more than MaxSnapshotBytes", ErrBadSnapshot, len(data))
+	}
+	if err := json.Unmarshal(data, &snap); err != nil {
+		return snap, fmt.Errorf("%w: not a snapshot: %v", ErrBadSnapshot, err)
+	}
+	if snap.Format != snapshotFormat {
+		return snap, fmt.Errorf("%w: format is not %s", ErrBadSnapshot, snapshotFormat)
+	}
+	return snap, nil
+}
+
+// SnapshotInfo is what ReadSnapshotInfo reads of a snapshot.
+type SnapshotInfo struct {
+	// Received is when the client received the control plane's answer the
+	// snapshot holds, by its wall clock, to the millisecond.
+	Received time.Time
+	// PolicyVersion is the Version of the answer's policy.
+	PolicyVersion int64
+}
+
+// ReadSnapshotInfo reads when the answer a snapshot holds was received and
+// the version of its policy, for a PolicyStore shared by a fleet: many
+// instances save, some late, and the store keeps the newest. It does not
+// verify the snapshot — a store holds no key — so it orders snapshots and
+// nothing more: the client that loads one verifies it. A snapshot the
+// client could not have saved (no policy, an answer that does not parse,
+// no receipt time) is an error wrapping ErrBadSnapshot.
+func ReadSnapshotInfo(snapshot []byte) (SnapshotInfo, error) {
+	snap, err := decodeSnapshot(snapshot)
+	if err != nil {
+		return SnapshotInfo{}, err
+	}
+	if snap.ReceivedMs <= 0 {
+		return SnapshotInfo{}, fmt.Errorf("%w: it has no receipt time", ErrBadSnapshot)
+	}
+	a, err := parseLeaseResponse(snap.Body)
+	switch {
+	case err != nil:
+		return SnapshotInfo{}, fmt.Errorf("%w: its answer does not parse: %v", ErrBadSnapshot, err)
+	case a.policy == nil:
+		return SnapshotInfo{}, fmt.Errorf("%w: its answer has no policy", ErrBadSnapshot)
+	}
+	return SnapshotInfo{Received: time.UnixMilli(snap.ReceivedMs), PolicyVersion: a.policy.Version}, nil
 }
 
 // openSnapshot checks a loaded snapshot and returns its answer, parsed,
@@ -213,12 +270,9 @@ func (c *Client) openSnapshot(data []byte) (leaseAnswer, time.Time, error) {
 	fail := func(format string, args ...any) (leaseAnswer, time.Time, error) {
 		return leaseAnswer{}, time.Time{}, fmt.Errorf("%w: %s", ErrBadSnapshot, fmt.Sprintf(format, args...))
 	}
-	var snap snapshot
-	if err := json.Unmarshal(data, &snap); err != nil {
-		return fail("not a snapshot: %v", err)
-	}
-	if snap.Format != snapshotFormat {
-		return fail("format is not %s", snapshotFormat)
+	snap, err := decodeSnapshot(data)
+	if err != nil {
+		return leaseAnswer{}, time.Time{}, err
 	}
 	for _, f := range []string{snap.PublishKey, snap.SiteID, snap.InstanceID, snap.Path, snap.Nonce, snap.Signature} {
 		if !validHeaderValue(f) {

@@ -1,6 +1,7 @@
 package waitstate
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -85,7 +86,7 @@ func TestFileStore(t *testing.T) {
 	require.NoError(t, err)
 	assert.Len(t, entries, 1, "no temporary file is left behind")
 
-	require.NoError(t, os.WriteFile(path, make([]byte, maxSnapshot+1), 0o600))
+	require.NoError(t, os.WriteFile(path, make([]byte, MaxSnapshotBytes+1), 0o600))
 	_, err = s.Load(ctx)
 	assert.ErrorContains(t, err, "larger than a snapshot can be")
 
@@ -293,6 +294,7 @@ func TestBadSnapshotsIgnored(t *testing.T) {
 		{"older than the option", good, Options{SnapshotMaxAge: time.Minute}, "SnapshotMaxAge is 1m0s"},
 		{"from the future", sealed(t, Options{}, body, now.Add(time.Hour)), Options{}, "in the future"},
 		{"good (the control case)", good, Options{}, ""},
+		{"larger than MaxSnapshotBytes", append(bytes.Repeat([]byte(" "), MaxSnapshotBytes), good...), Options{}, "more than MaxSnapshotBytes"},
 		{"no policy", sealed(t, Options{}, `{"leaseTtlMs":60000}`, now), Options{}, "has no policy"},
 		{"bad policy", sealed(t, Options{}, `{"policy":{"version":-1}}`, now), Options{}, "does not parse"},
 		{"bad reflex", sealed(t, Options{}, `{"policy":{"version":1},"reflex":{"rules":7}}`, now), Options{}, "reflex block"},
@@ -343,6 +345,43 @@ func flipLast(s string) string {
 		last = "1"
 	}
 	return s[:len(s)-1] + last
+}
+
+// TestReadSnapshotInfo: a store reads when a snapshot's answer was
+// received and its policy's version, without a key; what the client could
+// not have saved is an error.
+func TestReadSnapshotInfo(t *testing.T) {
+	received := time.UnixMilli(time.Now().UnixMilli())
+	info, err := ReadSnapshotInfo(sealed(t, Options{}, `{"policy":{"version":7,"globalMaxWeight":10}}`, received))
+	require.NoError(t, err)
+	assert.Equal(t, SnapshotInfo{Received: received, PolicyVersion: 7}, info)
+
+	// What the client saves, read back: an answer from a control plane.
+	cp := newPlane(t)
+	cp.SetPolicy("", controlplane.Policy{Version: 4, GlobalMaxWeight: 10})
+	store := &memStore{}
+	opts := testOptions(cp)
+	opts.PolicyStore = store
+	c, _ := startClient(t, opts)
+	waitReady(t, c)
+	eventually(t, func() bool { _, n := store.snapshot(); return n == 1 }, "the policy saved")
+	data, _ := store.snapshot()
+	info, err = ReadSnapshotInfo(data)
+	require.NoError(t, err)
+	assert.EqualValues(t, 4, info.PolicyVersion)
+	assert.WithinDuration(t, time.Now(), info.Received, time.Minute)
+
+	for name, data := range map[string][]byte{
+		"not JSON":        []byte("policy: 7"),
+		"another format":  []byte(`{"format":"waitstate-snapshot/0","receivedMs":1,"body":"e30="}`),
+		"no receipt time": []byte(`{"format":"waitstate-snapshot/1","body":"eyJwb2xpY3kiOnsidmVyc2lvbiI6MX19"}`),
+		"no policy":       sealed(t, Options{}, `{"leaseTtlMs":60000}`, received),
+		"bad policy":      sealed(t, Options{}, `{"policy":{"version":-1}}`, received),
+		"too large":       append(bytes.Repeat([]byte(" "), MaxSnapshotBytes), data...),
+	} {
+		_, err := ReadSnapshotInfo(data)
+		assert.ErrorIs(t, err, ErrBadSnapshot, name)
+	}
 }
 
 // restoringClient is a client whose New loads from opts.PolicyStore, with
