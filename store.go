@@ -46,6 +46,10 @@ const DefaultSnapshotMaxAge = 24 * time.Hour
 const (
 	loadTimeout = time.Second     // New never waits longer on Load
 	saveTimeout = 5 * time.Second // nor a save on Save
+	// After a failed save, the next waits this long, doubling up to
+	// saveRetryMax.
+	saveRetryMin = time.Second
+	saveRetryMax = time.Minute
 )
 
 // MaxSnapshotBytes bounds a snapshot: the client never saves a larger one
@@ -207,7 +211,7 @@ func (c *Client) sealSnapshot(s pendingSave) ([]byte, error) {
 	}
 	snap.Seal = wire.Sign(c.opts.SecretKey, snap.sealCanonical())
 	data, err := json.Marshal(snap)
-	if err == nil && len(data) > MaxSnapshotBytes { // cannot happen: the answer is at most 1 MiB
+	if err == nil && len(data) > MaxSnapshotBytes { // an answer of 1 MiB and its fields fit well within it
 		err = fmt.Errorf("the snapshot is %d bytes, more than MaxSnapshotBytes", len(data))
 	}
 	return data, err
@@ -418,20 +422,36 @@ func (c *Client) noteAnswer(a leaseAnswer) {
 
 // storeLoop saves the answers noteAnswer queues, one at a time, until ctx
 // ends; Shutdown saves one still queued then. A save under way when ctx
-// ends runs to its end or its timeout.
+// ends runs to its end or its timeout. After a failed save it waits before
+// the next, from saveRetryMin doubling to saveRetryMax, while the answers
+// queued meanwhile replace each other: a store that is down is tried a few
+// times a minute, not at every answer of every instance.
 func (c *Client) storeLoop(ctx context.Context) error {
+	var wait time.Duration
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
 		case s := <-c.saves:
-			c.save(context.WithoutCancel(ctx), s)
+			if c.save(context.WithoutCancel(ctx), s) {
+				wait = 0
+				continue
+			}
+			wait = min(max(2*wait, saveRetryMin), saveRetryMax)
+			t := time.NewTimer(wait)
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return nil
+			case <-t.C:
+			}
 		}
 	}
 }
 
-// save seals s and hands it to the store; a failure is logged and counted.
-func (c *Client) save(ctx context.Context, s *pendingSave) {
+// save seals s and hands it to the store, and reports whether the store
+// took it; a failure is logged and counted.
+func (c *Client) save(ctx context.Context, s *pendingSave) bool {
 	data, err := c.sealSnapshot(*s)
 	if err == nil {
 		err = c.callStore(ctx, saveTimeout, func(ctx context.Context) error {
@@ -443,18 +463,19 @@ func (c *Client) save(ctx context.Context, s *pendingSave) {
 		c.setError(fmt.Errorf("waitstate: policy store: save: %w", err))
 		if !c.storeFailing {
 			c.storeFailing = true
-			c.log.Warn("waitstate: the policy store failed to save the last answer; retrying at the next one", "error", err)
+			c.log.Warn("waitstate: the policy store failed to save the last answer; retrying with a later one", "error", err)
 		}
 		c.mu.Lock()
 		c.saved = savedState{} // unknown: the next answer saves again
 		c.mu.Unlock()
-		return
+		return false
 	}
 	if c.storeFailing {
 		c.storeFailing = false
 		c.log.Info("waitstate: the policy store saves again")
 	}
 	c.log.Debug("waitstate: answer saved to the policy store", "bytes", len(data))
+	return true
 }
 
 // saveQueued saves an answer still queued, within ctx, unless the last

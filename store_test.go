@@ -451,9 +451,16 @@ func TestStoreSaveFailures(t *testing.T) {
 
 	opts := testOptions(cp)
 	opts.PolicyStore = FileStore(filepath.Join(dir, "file", "snapshot")) // under a file: never writable
+	start := time.Now()
 	c, logs := startClient(t, opts)
 	waitReady(t, c)
-	eventually(t, func() bool { return c.Stats().StoreErrors >= 2 }, "each answer tries again and fails")
+	// The first error is New's Load (the path is under a file), then saves.
+	eventually(t, func() bool { return c.Stats().StoreErrors >= 1+3 }, "later answers try again and fail")
+	attempts, elapsed := c.Stats().StoreErrors-1, time.Since(start)
+	// A retry waits 1 s, then 2 s, ...: at most one more attempt than whole
+	// seconds elapsed, however many answers came meanwhile.
+	assert.LessOrEqual(t, attempts, 1+uint64(elapsed/time.Second), "%d attempts in %v", attempts, elapsed)
+	assert.Greater(t, c.Stats().PulsesSent, attempts, "more answers came than were saved")
 	assert.Equal(t, 1, strings.Count(logs.String(), "failed to save"), "logged once while it fails")
 	sent := c.Stats().PulsesSent
 	eventually(t, func() bool { return c.Stats().PulsesSent > sent+2 }, "pulses go on")
