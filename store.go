@@ -20,8 +20,9 @@ import (
 // PolicyStore keeps the client's last verified answer from the control
 // plane across restarts, so that a process started while the control plane
 // is away enforces what it enforced before. Set one in Options.PolicyStore;
-// FileStore keeps it in a file, and a store shared by a fleet (a database
-// row) lets a new instance start with the fleet's last policy.
+// FileStore keeps it in a file, and a store shared by a fleet (the module
+// github.com/waitstate/waitstate-go/contrib/redis keeps it in Redis) lets a
+// new instance start with the fleet's last policy.
 //
 // A snapshot is opaque bytes, sealed by the client with its SecretKey: a
 // store needs no integrity of its own, and one that hands back another
