@@ -136,7 +136,8 @@ type Server struct {
 
 	nonces nonceMemory
 
-	logger atomic.Pointer[slog.Logger] // what the operator should know; nil discards
+	logger   atomic.Pointer[slog.Logger] // what the operator should know; nil discards
+	observer atomic.Pointer[Observer]    // told of the primary key's counted pulses; nil: none
 
 	logMu    sync.Mutex
 	logLimit int
@@ -381,6 +382,27 @@ func (s *Server) SetRules(site string, rules ...Rule) error {
 	defer s.mu.Unlock()
 	s.configure(site, func(c *siteConfig) { c.rules = slices.Clone(rules) })
 	return nil
+}
+
+// Rules returns the reflex rules in force for site: its own, else the
+// default site's.
+func (s *Server) Rules(site string) []Rule { return slices.Clone(s.resolve(site).rules) }
+
+// Observer is told of each pulse the control plane counts for its primary
+// key (the first key added): the pulse, whole (every tag's health
+// included), the rule events its evaluation made, and the pulse interval
+// the answer sets (0: none). It runs on the pulse's request, after the
+// count, with no lock of the control plane held: keep it short. It must
+// not keep p or its maps.
+type Observer func(site string, p *Pulse, events []Event, pulseEvery time.Duration)
+
+// SetObserver sets the observer of counted pulses; nil removes it.
+func (s *Server) SetObserver(o Observer) {
+	if o == nil {
+		s.observer.Store(nil)
+		return
+	}
+	s.observer.Store(&o)
 }
 
 // SetIncidentPulseInterval sets the pulseIntervalMs that site's answers

@@ -408,8 +408,12 @@ func (s *Server) handlePulse(w http.ResponseWriter, r *http.Request) {
 	s.logMu.Lock()
 	logging := s.logLimit > 0 // the log keeps pulses whole
 	s.logMu.Unlock()
+	observer := s.observer.Load()
+	if observer != nil && key != s.primaryKey() {
+		observer = nil
+	}
 	var p Pulse
-	if err := decodePulse(body, &p.PulseBody, !logging, cfg.watched); err != nil || p.Seq == 0 || p.InstanceID != r.Header.Get(wire.HeaderInstance) {
+	if err := decodePulse(body, &p.PulseBody, !logging && observer == nil, cfg.watched); err != nil || p.Seq == 0 || p.InstanceID != r.Header.Get(wire.HeaderInstance) {
 		s.fail(w, http.StatusBadRequest, 0)
 		return
 	}
@@ -444,6 +448,9 @@ func (s *Server) handlePulse(w http.ResponseWriter, r *http.Request) {
 			s.events.add(e, 128+len(e.Rule)+len(e.Key)+len(e.Site), s.logLimit, s.logBytes)
 		}
 		s.logMu.Unlock()
+		if observer != nil {
+			(*observer)(p.Site, &p, events, pulseEvery)
+		}
 	}
 	if f.CountThenHang {
 		s.hang(r)
