@@ -3,6 +3,10 @@ package waitstatetest_test
 import (
 	"context"
 	"encoding/json"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -110,4 +114,45 @@ func TestTagMetrics(t *testing.T) {
 	m := srv.TagMetrics("", "enterprise")
 	assert.InEpsilon(t, 400, m.LatencyP95Ms, 0.0625)
 	assert.Equal(t, uint64(100), srv.Metrics("").Requests, "the site's are all of them")
+}
+
+// TestUI: the live page and its JSON, served by a handler of the test's
+// own, show the site a client pulses for and no key; Close stops its
+// sampling (goleak checks).
+func TestUI(t *testing.T) {
+	srv := waitstatetest.NewServer()
+	page := httptest.NewServer(srv.UI())
+	defer page.Close()
+	client, err := waitstate.New(srv.Options())
+	require.NoError(t, err)
+	defer client.Close()
+	client.Gate("free", 1)
+
+	var body string
+	require.Eventually(t, func() bool {
+		resp, err := http.Get(page.URL + "/state.json")
+		if err != nil {
+			return false
+		}
+		defer resp.Body.Close()
+		data, _ := io.ReadAll(resp.Body)
+		body = string(data)
+		return strings.Contains(body, `"tag":"free"`)
+	}, 30*time.Second, 50*time.Millisecond, "the page's JSON shows the client's tag")
+	assert.NotContains(t, body, srv.Options().SecretKey)
+	assert.NotContains(t, body, srv.Options().PublishKey)
+	resp, err := http.Get(page.URL + "/")
+	require.NoError(t, err)
+	resp.Body.Close()
+	assert.Equal(t, "text/html; charset=utf-8", resp.Header.Get("Content-Type"))
+	assert.Same(t, srv.UI(), srv.UI(), "one page a server")
+
+	require.NoError(t, client.Close())
+	srv.Close()
+	assert.NotNil(t, srv.UI(), "after Close: a handler still, the last one")
+	closed := waitstatetest.NewServer()
+	closed.Close()
+	rec := httptest.NewRecorder()
+	closed.UI().ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/", nil))
+	assert.Equal(t, http.StatusNotFound, rec.Code, "no page for a server closed before its first UI call")
 }

@@ -21,11 +21,14 @@ import (
 	"fmt"
 	"log/slog"
 	"math"
+	"net/http"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/waitstate/waitstate-go"
 	"github.com/waitstate/waitstate-go/internal/controlplane"
+	"github.com/waitstate/waitstate-go/internal/dashboard"
 )
 
 // Intervals of the Options a Server hands out: short, so tests are quick.
@@ -45,6 +48,11 @@ type Server struct {
 	cp         *controlplane.Server
 	publishKey string
 	secretKey  string
+
+	uiOnce sync.Once
+	ui     http.Handler
+	uiStop context.CancelFunc
+	uiDone chan struct{}
 }
 
 // DefaultPolicy is the policy a Server serves until SetPolicy: version 1,
@@ -75,7 +83,37 @@ func NewTestServer(tb testing.TB) *Server {
 }
 
 // Close stops the server. Hung requests are released first.
-func (s *Server) Close() { s.cp.Close() }
+func (s *Server) Close() {
+	s.cp.Close()
+	s.uiOnce.Do(func() {}) // no UI after Close
+	if s.uiStop != nil {
+		s.uiStop()
+		<-s.uiDone
+	}
+}
+
+// UI returns the control plane's live page, as examples/controlplane
+// serves it: per site, the instances by mode, each tag's calls allowed and
+// denied a second and its p95, the policy in force, each rule's state and
+// timeline, and charts of the last five minutes. Serve it on an address of
+// your own (the control plane's own serves only the protocol). It samples
+// the server once a second from its first call until Close; it shows no
+// key. Call it before Close.
+func (s *Server) UI() http.Handler {
+	s.uiOnce.Do(func() {
+		d := dashboard.New(s.cp)
+		ctx, cancel := context.WithCancel(context.Background())
+		s.ui, s.uiStop, s.uiDone = d.Handler(), cancel, make(chan struct{})
+		go func() {
+			defer close(s.uiDone)
+			d.Run(ctx)
+		}()
+	})
+	if s.ui == nil {
+		return http.NotFoundHandler()
+	}
+	return s.ui
+}
 
 // Options returns Options for waitstate.New that point at s with its key
 // pair and short intervals (PulseInterval, SyncInterval). The lease is

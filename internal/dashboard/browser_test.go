@@ -1,0 +1,107 @@
+//go:build browser
+
+package dashboard_test
+
+import (
+	"context"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// requireBrowser, set by .ci/run, turns the skip of a machine without
+// Chromium into a failure.
+const requireBrowser = "WAITSTATE_REQUIRE_BROWSER"
+
+// chromium returns a function that runs headless Chromium with args and
+// returns what it printed, or skips t when there is no Chromium.
+func chromium(t *testing.T) func(args ...string) []byte {
+	t.Helper()
+	var bin string
+	for _, name := range []string{"chromium", "chromium-browser", "google-chrome"} {
+		if p, err := exec.LookPath(name); err == nil {
+			bin = p
+			break
+		}
+	}
+	if bin == "" {
+		if os.Getenv(requireBrowser) != "" {
+			t.Fatalf("no Chromium on this machine, and %s is set", requireBrowser)
+		}
+		t.Skip("no Chromium on this machine: the page is tested in a real one (apt-get install -y chromium)")
+	}
+	return func(args ...string) []byte {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		// The flags keep a headless Chromium off the network it has no
+		// business with, and work as root.
+		base := []string{"--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+			"--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+			"--user-data-dir=" + t.TempDir(), "--virtual-time-budget=4000"}
+		out, err := exec.CommandContext(ctx, bin, append(base, args...)...).Output()
+		require.NoError(t, err, "chromium %v", args)
+		return out
+	}
+}
+
+// TestPageInBrowser opens the page of a fleet of three in headless
+// Chromium, after a spike that fired a rule, and reads the rendered DOM:
+// every tag, the fired rule, the instance count, the charts' points, and
+// no key. It leaves a screenshot in $WAITSTATE_ARTIFACTS, or the test's
+// temporary directory.
+func TestPageInBrowser(t *testing.T) {
+	run := chromium(t)
+	f := startFleet(t)
+	srv := httptest.NewServer(f.d.Handler())
+	defer srv.Close()
+	require.Eventually(t, func() bool {
+		s := f.d.State()
+		return len(s.Sites) == 1 && s.Sites[0].Instances["total"] == 3
+	}, 60*time.Second, 50*time.Millisecond, "three instances pulse")
+	f.spike(t)
+
+	points := regexp.MustCompile(`<polyline class="series" data-series="([^"]+)"[^>]* points="([^"]+)"`)
+	var dom string
+	require.Eventually(t, func() bool {
+		dom = string(run("--dump-dom", srv.URL+"/"))
+		series := map[string]bool{}
+		for _, m := range points.FindAllStringSubmatch(dom, -1) {
+			if strings.Count(m[2], " ") >= 2 { // three points or more
+				series[m[1]] = true
+			}
+		}
+		return series["free"] && series["pro"] && series["enterprise"] && series["free denied"]
+	}, 90*time.Second, time.Second, "the page's charts hold points of every tag")
+
+	for _, tag := range []string{"free", "pro", "enterprise"} {
+		assert.Contains(t, dom, `<tr data-tag="`+tag+`">`, "a row of %s", tag)
+	}
+	assert.Contains(t, dom, `<tr data-rule="protect-enterprise" data-state="fired">`)
+	assert.Contains(t, dom, `data-event="fired"`, "the rule's timeline")
+	assert.Contains(t, dom, `<div class="card" data-count="total"><b>3</b>instances</div>`)
+	assert.Contains(t, dom, `<div class="card" data-count="enforcing"><b>3</b>enforcing</div>`)
+	assert.Contains(t, dom, `data-band="protect-enterprise fired"`)
+	assert.Contains(t, dom, "protect-enterprise: enterprise &gt; 300 ms", "the threshold drawn")
+	assert.NotContains(t, dom, secretKey)
+	assert.NotContains(t, dom, publishKey)
+
+	dir := os.Getenv("WAITSTATE_ARTIFACTS")
+	if dir == "" {
+		dir = t.TempDir()
+	}
+	require.NoError(t, os.MkdirAll(dir, 0o755))
+	shot := filepath.Join(dir, "dashboard.png")
+	run("--screenshot="+shot, "--window-size=1280,1500", "--hide-scrollbars", srv.URL+"/")
+	info, err := os.Stat(shot)
+	require.NoError(t, err)
+	assert.Greater(t, info.Size(), int64(20_000), "a screenshot with something on it")
+	t.Logf("screenshot: %s (%d bytes)", shot, info.Size())
+}
