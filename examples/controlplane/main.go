@@ -13,6 +13,12 @@
 // its state in memory, listens on loopback unless -addr says otherwise, and
 // warns loudly when it does not.
 //
+// It serves a live page of the fleet on -ui (127.0.0.1:8788 by default,
+// with the same warning beyond loopback): per site, the instances by mode,
+// each tag's calls a second and p95, the policy in force, each rule's state
+// and timeline, and charts of the last five minutes. The page is embedded
+// in the binary and loads nothing from elsewhere.
+//
 // A rules file is a JSON array of rules for every site, or an object from
 // site to its array of rules; rules.json beside this file is an example:
 //
@@ -25,6 +31,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"log"
@@ -40,11 +47,13 @@ import (
 
 	"github.com/waitstate/waitstate-go"
 	"github.com/waitstate/waitstate-go/internal/controlplane"
+	"github.com/waitstate/waitstate-go/internal/dashboard"
 )
 
 func main() {
 	var (
 		addr       = flag.String("addr", "127.0.0.1:8787", "address to listen on")
+		uiAddr     = flag.String("ui", "127.0.0.1:8788", `address of the live page of the fleet ("" for none)`)
 		rulesFile  = flag.String("rules", "", "JSON file of reflex rules")
 		policyFile = flag.String("policy", "", "JSON file of the base policy (default: version 1, unlimited)")
 		lease      = flag.Duration("lease", 0, "lease of every answer (default: the clients' own, 3 × their longer interval)")
@@ -57,7 +66,7 @@ func main() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	if err := run(*addr, *rulesFile, *policyFile, os.Getenv(waitstate.EnvPublishKey), secret, *lease, *window, *every); err != nil {
+	if err := run(*addr, *uiAddr, *rulesFile, *policyFile, os.Getenv(waitstate.EnvPublishKey), secret, *lease, *window, *every); err != nil {
 		log.Fatal(err)
 	}
 }
@@ -83,7 +92,7 @@ func secretKey(file string) (string, error) {
 	return secret, nil
 }
 
-func run(addr, rulesFile, policyFile, publishKey, secretKey string, lease, window, every time.Duration) error {
+func run(addr, uiAddr, rulesFile, policyFile, publishKey, secretKey string, lease, window, every time.Duration) error {
 	if (publishKey == "") != (secretKey == "") {
 		return fmt.Errorf("set both %s and the secret key (%s or -secret-key-file), or neither", waitstate.EnvPublishKey, waitstate.EnvSecretKey)
 	}
@@ -135,13 +144,34 @@ func run(addr, rulesFile, policyFile, publishKey, secretKey string, lease, windo
 	}
 	server := &http.Server{Handler: cp.Handler()}
 	controlplane.DefaultTimeouts.Apply(server)
-	served := make(chan error, 1)
+	served := make(chan error, 2)
 	go func() { served <- server.Serve(ln) }()
-	fmt.Printf("WaitState control plane on http://%s\n\n", ln.Addr())
+	fmt.Printf("WaitState control plane on http://%s\n", ln.Addr())
 	if ip := ln.Addr().(*net.TCPAddr).IP; !ip.IsLoopback() {
 		fmt.Fprintf(os.Stderr, "\n*** WARNING: listening on %s, beyond loopback. This is a development control plane:\n"+
 			"*** anyone who can reach it and holds the key pair can read and set this fleet's policies. ***\n\n", ln.Addr())
 	}
+	servers := []*http.Server{server}
+	if uiAddr != "" {
+		uiLn, err := net.Listen("tcp", uiAddr)
+		if err != nil {
+			return fmt.Errorf("the live page: %w", err)
+		}
+		d := dashboard.New(cp)
+		sampling, stopSampling := context.WithCancel(context.Background())
+		defer stopSampling()
+		go d.Run(sampling)
+		ui := &http.Server{Handler: d.Handler()}
+		controlplane.DefaultTimeouts.Apply(ui)
+		servers = append(servers, ui)
+		go func() { served <- ui.Serve(uiLn) }()
+		fmt.Printf("live page of the fleet on http://%s\n", uiLn.Addr())
+		if ip := uiLn.Addr().(*net.TCPAddr).IP; !ip.IsLoopback() {
+			fmt.Fprintf(os.Stderr, "\n*** WARNING: the live page listens on %s, beyond loopback. This is a development control plane:\n"+
+				"*** anyone who can reach it sees this fleet's sites, tags, policies and rules (never a key). ***\n\n", uiLn.Addr())
+		}
+	}
+	fmt.Println()
 	if generated {
 		fmt.Printf("export %s=%s\nexport %s=%s\nexport %s=http://%s\n\n",
 			waitstate.EnvPublishKey, publishKey, waitstate.EnvSecretKey, secretKey, waitstate.EnvBaseURL, ln.Addr())
@@ -165,7 +195,11 @@ func run(addr, rulesFile, policyFile, publishKey, secretKey string, lease, windo
 			cp.Close() // releases any request held by a fault
 			shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			defer cancel()
-			return server.Shutdown(shutdownCtx)
+			var errs []error
+			for _, srv := range servers {
+				errs = append(errs, srv.Shutdown(shutdownCtx))
+			}
+			return errors.Join(errs...)
 		case <-t.C:
 			for _, e := range cp.Events() {
 				if e.Seq <= seen {
