@@ -1,6 +1,7 @@
 package waitstate
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"math"
@@ -264,4 +265,37 @@ func BenchmarkLocalEvaluate(b *testing.B) {
 			}
 		})
 	}
+}
+
+// TestPulseReportsLocalRulesAndRestore: a pulse says which rules the
+// instance holds fired itself and whether its policy was restored, so the
+// control plane can show both once it hears from the instance again.
+func TestPulseReportsLocalRulesAndRestore(t *testing.T) {
+	body := func(c *Client) wire.PulseBody {
+		var p wire.PulseBody
+		require.NoError(t, json.Unmarshal(c.cut(false).body, &p))
+		return p
+	}
+	rules := []reflex.Rule{{Name: "slow", MetricTag: "enterprise", Metric: reflex.MetricLatencyP50, Operator: ">", Threshold: 100,
+		TagName: "free", Action: reflex.ActionBlock, CooldownSeconds: 60}}
+	var clock fakeClock
+	c := localClient(t, &clock, blockOf(t, wire.Policy{Version: 1, GlobalMaxWeight: 10}, rules, 10*time.Second))
+	p := body(c)
+	assert.Nil(t, p.LocalRules)
+	assert.False(t, p.Restored)
+	enterSafeMode(t, c, &clock)
+	c.ObserveTag("enterprise", time.Second, false)
+	clock.advance(100 * time.Millisecond)
+	c.localTick()
+	require.Equal(t, []string{"slow"}, c.Stats().LocalRulesFired)
+	p = body(c)
+	assert.Equal(t, []string{"slow"}, p.LocalRules)
+	assert.Equal(t, "safe_mode", p.Mode)
+
+	store := funcStore{load: func(context.Context) ([]byte, error) {
+		return sealed(t, Options{}, `{"policy":{"version":7,"globalMaxWeight":10}}`, time.Now()), nil
+	}}
+	r := restoringClient(t, Options{SecretKey: testSecretKey, PolicyStore: store})
+	require.True(t, r.Stats().Restored)
+	assert.True(t, body(r).Restored)
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/http"
+	"slices"
 	"time"
 
 	"github.com/waitstate/waitstate-go/internal/wire"
@@ -157,6 +158,8 @@ func (c *Client) cut(final bool) *pulse {
 		WindowMs:     (now - old.start).Milliseconds(),
 		Mode:         c.mode.String(),
 		Shadow:       c.opts.Shadow,
+		LocalRules:   slices.Clone(c.local.fired),
+		Restored:     c.restored,
 		UsageDelta:   r.usage,
 		BouncedDelta: r.bounced,
 		UsageTotal:   c.usageTotal,

@@ -353,6 +353,48 @@ func (d *decoder) string(v *string) {
 	*v = string(d.str())
 }
 
+// strings reads an array of strings as encoding/json does: null is nil,
+// [] an empty slice; the array is read into *v's own backing array, whose
+// element a null leaves as it was.
+func (d *decoder) strings(v *[]string) {
+	if d.null() {
+		*v = nil
+		return
+	}
+	if d.peek() != '[' {
+		d.fail("expected an array")
+		return
+	}
+	d.i++
+	out := (*v)[:0]
+	if out == nil {
+		out = []string{}
+	}
+	if d.peek() == ']' {
+		d.i++
+		*v = out
+		return
+	}
+	for d.err == nil {
+		if len(out) < cap(out) {
+			out = out[:len(out)+1]
+		} else {
+			out = append(out, "")
+		}
+		d.string(&out[len(out)-1])
+		switch d.peek() {
+		case ',':
+			d.i++
+		case ']':
+			d.i++
+			*v = out
+			return
+		default:
+			d.fail("expected , or ]")
+		}
+	}
+}
+
 // maxDepth bounds the nesting of skipped values, as encoding/json does.
 const maxDepth = 10_000
 
@@ -425,6 +467,10 @@ func (d *decoder) pulse(p *wire.PulseBody) {
 			d.int(&p.PolicyVersion)
 		case "shadow":
 			d.bool(&p.Shadow)
+		case "localRules":
+			d.strings(&p.LocalRules)
+		case "restored":
+			d.bool(&p.Restored)
 		case "usageDelta":
 			d.uint(&p.UsageDelta)
 		case "bouncedDelta":

@@ -28,6 +28,9 @@ func pulseSeeds() []string {
 		`{"seq":1.5}`, `{"seq":-1}`, `{"seq":"1"}`, `{"seq":1,}`, `{"seq":1} x`, `{"seq":01}`, `{"instanceId":"\x"}`,
 		`{"instanceId":"\ud800"}`, `{"shadow":1}`, `{"tags":[]}`, `{"windowEndMs":1e3}`, `[]`, `{"seq":1e400}`,
 		`{"health":{"latencyMs":{"p50":1e400}}}`, `{"a":[[[[]]]]}`, ``, `{`, `{"seq":18446744073709551616}`,
+		`{"seq":1,"localRules":["protect-enterprise","r\u00e9"],"restored":true}`, `{"localRules":[]}`, `{"localRules":null}`,
+		`{"localRules":["x","y"],"localRules":[null]}`, `{"localRules":[1]}`, `{"localRules":"x"}`, `{"localRules":["x",]}`,
+		`{"restored":"yes"}`,
 	}
 }
 
@@ -95,7 +98,7 @@ func comparePulseDecoders(t *testing.T, data []byte) {
 // only case-insensitively. It reads the tokens, so that a repeated key
 // cannot hide one.
 func foldedName(data []byte) bool {
-	fields := []string{"instanceId", "siteId", "sdk", "seq", "windowEndMs", "windowMs", "mode", "policyVersion", "shadow", "usageDelta",
+	fields := []string{"instanceId", "siteId", "sdk", "seq", "windowEndMs", "windowMs", "mode", "policyVersion", "shadow", "localRules", "restored", "usageDelta",
 		"bouncedDelta", "usageTotal", "bouncedTotal", "tags", "health", "metrics", "usage", "bounced", "requests", "errors",
 		"latencyMs", "histogram", "p50", "p95", "p99", "max", "scheme", "counts", "count", "sum", "min"}
 	type frame struct{ object, wantKey bool }

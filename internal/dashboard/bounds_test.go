@@ -105,3 +105,30 @@ func TestHostileTags(t *testing.T) {
 	assert.NotContains(t, string(c.SVG()), "<img")
 	assert.True(t, strings.Contains(string(c.SVG()), "&lt;img"))
 }
+
+// TestLocalRulesAndRestores: the instances' own reports — rules they hold
+// fired in safe mode, a policy restored from their store — are counted per
+// site and per rule, from each instance's last pulse.
+func TestLocalRulesAndRestores(t *testing.T) {
+	d, clock := clocked(t)
+	require.NoError(t, d.cp.SetRules("", controlplane.Rule{Name: "protect", MetricTag: "enterprise", Metric: controlplane.MetricLatencyP95,
+		Operator: ">", Threshold: 300, TagName: "free", Action: controlplane.ActionBlock}))
+	a, b, c := pulse("a"), pulse("b"), pulse("c")
+	a.Mode, a.LocalRules = "safe_mode", []string{"protect"}
+	b.Mode, b.LocalRules, b.Restored = "safe_mode", []string{"protect"}, true
+	c.Restored = true
+	for _, p := range []*controlplane.Pulse{a, b, c} {
+		d.observe("", p, nil, 0)
+	}
+	*clock = clock.Add(time.Second)
+	d.Tick()
+	s := d.State().Sites[0]
+	assert.Equal(t, map[string]int{"total": 3, "enforcing": 1, "safe_mode": 2, "fail_open": 0, "local_rules": 2, "restored": 2}, s.Instances)
+	require.Len(t, s.Rules, 1)
+	assert.Equal(t, 2, s.Rules[0].FiredLocally)
+	assert.False(t, s.Rules[0].Fired, "not by the control plane")
+
+	a.Mode, a.LocalRules = "enforcing", nil // its lease renewed
+	d.observe("", a, nil, 0)
+	assert.Equal(t, 1, d.State().Sites[0].Rules[0].FiredLocally, "an instance's last pulse counts")
+}

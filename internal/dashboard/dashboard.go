@@ -78,10 +78,12 @@ type tagSecond struct {
 	hist            *[wire.HistBuckets]uint64
 }
 
-// seen is an instance's mode in its last pulse, and when that came.
+// seen is what an instance's last pulse said of it, and when that came.
 type seen struct {
-	mode string
-	at   time.Time
+	mode       string
+	localRules []string // the rules it holds fired itself, in safe mode
+	restored   bool     // its policy came from its policy store
+	at         time.Time
 }
 
 // sample is one second of the chart: per tag, calls allowed and denied a
@@ -152,7 +154,7 @@ func (d *Dashboard) observe(name string, p *controlplane.Pulse, events []control
 	st.cur.pulses++
 	st.cur.windowMs += max(p.WindowMs, 0)
 	if _, ok := st.instances[p.InstanceID]; ok || len(st.instances) < maxInstances {
-		st.instances[p.InstanceID] = seen{mode: p.Mode, at: now}
+		st.instances[p.InstanceID] = seen{mode: p.Mode, localRules: slices.Clone(p.LocalRules), restored: p.Restored, at: now}
 	}
 	if st.cur.tags == nil {
 		st.cur.tags = map[string]*tagSecond{}
@@ -259,8 +261,12 @@ type State struct {
 
 // SiteState is one site's view.
 type SiteState struct {
-	Site      string         `json:"site"`
-	Instances map[string]int `json:"instances"` // by mode, from each instance's last pulse, and "total"
+	Site string `json:"site"`
+	// Instances counts the instances heard from in the last 30 s: "total",
+	// by mode from each one's last pulse, "local_rules" those running
+	// rules themselves in safe mode, "restored" those whose policy came
+	// from their policy store.
+	Instances map[string]int `json:"instances"`
 	// PulseIntervalMs is the interval the control plane's answers set,
 	// 0 when they leave the clients' own; ClientIntervalMs is the mean
 	// window of the last pulses: what the clients use.
@@ -273,9 +279,12 @@ type SiteState struct {
 
 // RuleState is a rule, whether it is fired, and its events still kept.
 type RuleState struct {
-	Rule   controlplane.Rule `json:"rule"`
-	Fired  bool              `json:"fired"`
-	Events []RuleEvent       `json:"events"`
+	Rule  controlplane.Rule `json:"rule"`
+	Fired bool              `json:"fired"` // by the control plane
+	// FiredLocally is how many instances hold it fired themselves, in
+	// safe mode, by their last pulse.
+	FiredLocally int         `json:"firedLocally"`
+	Events       []RuleEvent `json:"events"`
 }
 
 // RuleEvent is one firing or clearing.
@@ -300,10 +309,20 @@ func (d *Dashboard) State() State {
 
 // siteState is the view of one site. Call with d.mu held.
 func (d *Dashboard) siteState(name string, st *site) SiteState {
-	v := SiteState{Site: name, Instances: map[string]int{"total": len(st.instances), "enforcing": 0, "safe_mode": 0, "fail_open": 0},
-		PulseIntervalMs: st.interval.Milliseconds(), Tags: []TagFigures{}, Rules: []RuleState{}}
+	v := SiteState{Site: name, Instances: map[string]int{"total": len(st.instances), "enforcing": 0, "safe_mode": 0, "fail_open": 0,
+		"local_rules": 0, "restored": 0}, PulseIntervalMs: st.interval.Milliseconds(), Tags: []TagFigures{}, Rules: []RuleState{}}
+	local := map[string]int{} // instances holding each rule fired themselves
 	for _, in := range st.instances {
 		v.Instances[in.mode]++
+		if in.restored {
+			v.Instances["restored"]++
+		}
+		if len(in.localRules) > 0 {
+			v.Instances["local_rules"]++
+		}
+		for _, r := range in.localRules {
+			local[r]++
+		}
 	}
 	var pulses int
 	var windowMs int64
@@ -323,7 +342,7 @@ func (d *Dashboard) siteState(name string, st *site) SiteState {
 		}
 	}
 	for _, r := range d.cp.Rules(name) {
-		rs := RuleState{Rule: r, Events: []RuleEvent{}}
+		rs := RuleState{Rule: r, FiredLocally: local[r.Name], Events: []RuleEvent{}}
 		for _, e := range st.events {
 			if e.Rule != r.Name {
 				continue

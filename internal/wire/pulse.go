@@ -13,6 +13,8 @@ type PulseBody struct {
 	Mode          string              `json:"mode"`
 	PolicyVersion int64               `json:"policyVersion"`
 	Shadow        bool                `json:"shadow"`
+	LocalRules    []string            `json:"localRules,omitempty"` // in safe mode with local rules: the rules the instance holds fired
+	Restored      bool                `json:"restored,omitempty"`   // the policy in force came from the instance's policy store
 	UsageDelta    uint64              `json:"usageDelta"`
 	BouncedDelta  uint64              `json:"bouncedDelta"`
 	UsageTotal    uint64              `json:"usageTotal"`
