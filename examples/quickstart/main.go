@@ -2,6 +2,8 @@
 //
 //	go run ./examples/quickstart            # the story, in under a minute
 //	go run ./examples/quickstart -compare   # one outage under each safe-mode strategy, as a table
+//	go run ./examples/quickstart -ui 127.0.0.1:8788   # and watch it on the control plane's live page
+//	go run ./examples/quickstart -svg docs/quickstart.svg   # and draw the run (the README's picture)
 //
 // With no environment it starts a control plane in-process on loopback
 // (package waitstatetest) with two reflex rules on the enterprise tier's
@@ -27,6 +29,12 @@
 // safe-mode strategy, each on a control plane of its own, and prints what
 // each let through as a Markdown table (the README's).
 //
+// With -ui it serves the embedded control plane's live page on that address
+// while the story runs; with -svg it writes one SVG of the run: each tag's
+// calls admitted and denied a second, enterprise's p95 against the rules'
+// threshold, and bands for the rules fired, the outage, safe mode, the
+// rules fired locally and the restored instance.
+//
 // With WAITSTATE_PUBLISH_KEY and WAITSTATE_SECRET_KEY set (and optionally
 // WAITSTATE_BASE_URL and WAITSTATE_SITE_ID) it runs the same traffic against
 // that control plane instead, without the rules and the outage, which it
@@ -41,6 +49,8 @@ import (
 	"maps"
 	"math"
 	"math/rand/v2"
+	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -129,10 +139,12 @@ const calls = `The SDK calls behind this table, in each instance:
 
 func main() {
 	compareFlag := flag.Bool("compare", false, "run the outage with a spike of free once under each safe-mode strategy and print the table the README shows")
+	uiAddr := flag.String("ui", "", "serve the embedded control plane's live page on this address while the story runs, such as 127.0.0.1:8788")
+	svgPath := flag.String("svg", "", "write a picture of the run to this SVG file")
 	flag.Parse()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	run := story
+	run := func(ctx context.Context) error { return story(ctx, *uiAddr, *svgPath) }
 	if *compareFlag {
 		run = compare
 	}
@@ -142,8 +154,9 @@ func main() {
 	}
 }
 
-// story runs the script and tells it.
-func story(ctx context.Context) error {
+// story runs the script and tells it; it serves the live page on uiAddr
+// and draws the run into svgPath when they are set.
+func story(ctx context.Context, uiAddr, svgPath string) error {
 	opts, srv, err := setup()
 	if err != nil {
 		return err
@@ -151,6 +164,13 @@ func story(ctx context.Context) error {
 	var dir string
 	if srv != nil {
 		defer srv.Close()
+		if uiAddr != "" {
+			stopUI, err := serveUI(srv, uiAddr)
+			if err != nil {
+				return err
+			}
+			defer stopUI()
+		}
 		// Each instance keeps its last verified policy in a file of its
 		// own, as a process would on its disk.
 		if dir, err = os.MkdirTemp("", "waitstate-quickstart-"); err != nil {
@@ -158,8 +178,14 @@ func story(ctx context.Context) error {
 		}
 		defer os.RemoveAll(dir)
 	}
+	if uiAddr != "" && srv == nil {
+		return errors.New("-ui serves the embedded control plane's page; for your own, run examples/controlplane -ui")
+	}
 	sim := newSimulation(srv, opts)
 	defer sim.close()
+	if svgPath != "" {
+		sim.rec = newRecording()
+	}
 	for i := range instances {
 		o := opts
 		if srv != nil {
@@ -181,10 +207,36 @@ func story(ctx context.Context) error {
 		}
 	}
 	sim.summary()
+	if svgPath != "" {
+		if err := sim.rec.write(svgPath, sim.start, time.Now()); err != nil {
+			return err
+		}
+		fmt.Printf("\nThe picture of this run: %s\n", svgPath)
+	}
 	if srv != nil {
 		return sim.check()
 	}
 	return nil
+}
+
+// serveUI serves srv's live page on addr until the returned function is
+// called.
+func serveUI(srv *waitstatetest.Server, addr string) (func(), error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("-ui: %w", err)
+	}
+	page := &http.Server{Handler: srv.UI(), ReadHeaderTimeout: 5 * time.Second}
+	go func() { _ = page.Serve(ln) }()
+	fmt.Printf("The control plane's live page: http://%s\n", ln.Addr())
+	if ip := ln.Addr().(*net.TCPAddr).IP; !ip.IsLoopback() {
+		fmt.Fprintf(os.Stderr, "*** WARNING: the live page listens on %s, beyond loopback: anyone who can reach it sees the fleet's figures. ***\n", ln.Addr())
+	}
+	return func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_ = page.Shutdown(ctx)
+	}, nil
 }
 
 // setup returns Options for a control plane: the one the environment
@@ -269,6 +321,7 @@ type simulation struct {
 	restSafe   bool   // the restarted instance's lease has run out
 	outageEnt  counts // enterprise's decisions during the outage
 	milestones []string
+	rec        *recording // -svg: what the picture draws; nil without
 }
 
 func newSimulation(srv *waitstatetest.Server, base waitstate.Options) *simulation {
@@ -331,6 +384,7 @@ func (s *simulation) run(ctx context.Context, script []phase) error {
 	nextPrint := s.start.Add(time.Second)
 	for _, ph := range script {
 		s.line("%s begins", ph.name)
+		s.rec.mark(bandDown, ph.outage && s.srv != nil, time.Now())
 		if s.srv != nil {
 			if ph.outage {
 				s.srv.SetFaults(waitstatetest.Faults{Down: true})
@@ -419,6 +473,7 @@ func (s *simulation) restart() error {
 	s.retired = append(s.retired, s.fleet[i])
 	s.fleet[i], s.restarted = c, c
 	st := c.Stats()
+	s.rec.mark(bandRestored, st.Restored, time.Now())
 	if !st.Restored || st.Mode != waitstate.ModeEnforcing {
 		s.line("instance %d RESTARTED, but nothing was restored: %s (%s)", i+1, st.Mode, st.LastError)
 		return nil
@@ -506,6 +561,7 @@ func (s *simulation) row(phase string) {
 	second := s.second
 	s.second = newSecond()
 	s.mu.Unlock()
+	s.rec.frame(time.Now(), second, quantile(lat, 0.95))
 	if s.quiet {
 		return
 	}
@@ -606,10 +662,19 @@ func (s *simulation) transitions() {
 		s.version = p.Version
 		s.line("instances apply policy v%d: %s", p.Version, describe(p))
 	}
+	protected := p.TagShedPercents["free"] == 100 && p.TagShedPercents["pro"] == 50
+	if s.rec != nil {
+		now := time.Now()
+		s.rec.mark(bandFired, m == waitstate.ModeEnforcing && protected, now)
+		s.rec.mark(bandSafe, m == waitstate.ModeSafeMode, now)
+		s.rec.mark(bandLocal, m == waitstate.ModeSafeMode && protected, now)
+		if r := s.restarted; r != nil {
+			s.rec.mark(bandRestored, r.Stats().Restored, now)
+		}
+	}
 	if m != waitstate.ModeEnforcing {
 		return
 	}
-	protected := p.TagShedPercents["free"] == 100 && p.TagShedPercents["pro"] == 50
 	switch {
 	case protected && !s.protected:
 		s.protected = true
