@@ -46,8 +46,11 @@ func chromium(t *testing.T) func(args ...string) []byte {
 		base := []string{"--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
 			"--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
 			"--user-data-dir=" + t.TempDir(), "--virtual-time-budget=4000"}
-		out, err := exec.CommandContext(ctx, bin, append(base, args...)...).Output()
-		require.NoError(t, err, "chromium %v", args)
+		cmd := exec.CommandContext(ctx, bin, append(base, args...)...)
+		var stderr strings.Builder
+		cmd.Stderr = &stderr
+		out, err := cmd.Output()
+		require.NoError(t, err, "chromium %v: %s", args, stderr.String())
 		return out
 	}
 }
@@ -70,9 +73,10 @@ func TestPageInBrowser(t *testing.T) {
 
 	points := regexp.MustCompile(`<polyline class="series" data-series="([^"]+)"[^>]* points="([^"]+)"`)
 	var dom string
-	require.Eventually(t, func() bool {
+	series := map[string]bool{}
+	ok := assert.Eventually(t, func() bool {
 		dom = string(run("--dump-dom", srv.URL+"/"))
-		series := map[string]bool{}
+		clear(series)
 		for _, m := range points.FindAllStringSubmatch(dom, -1) {
 			if strings.Count(m[2], " ") >= 2 { // three points or more
 				series[m[1]] = true
@@ -80,6 +84,9 @@ func TestPageInBrowser(t *testing.T) {
 		}
 		return series["free"] && series["pro"] && series["enterprise"] && series["free denied"]
 	}, 90*time.Second, time.Second, "the page's charts hold points of every tag")
+	if !ok {
+		t.Fatalf("series with three points or more: %v; the DOM, %d bytes:\n%.4000s", series, len(dom), dom)
+	}
 
 	for _, tag := range []string{"free", "pro", "enterprise"} {
 		assert.Contains(t, dom, `<tr data-tag="`+tag+`">`, "a row of %s", tag)

@@ -2,11 +2,13 @@ package dashboard_test
 
 import (
 	"context"
+	"encoding/json"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
 
@@ -89,7 +91,7 @@ func startFleet(t *testing.T) *fleet {
 func (f *fleet) spike(t *testing.T) {
 	t.Helper()
 	f.slow.Store(true)
-	require.Eventually(t, func() bool {
+	if !assert.Eventually(t, func() bool {
 		s := f.d.State()
 		if len(s.Sites) != 1 || len(s.Sites[0].Rules) != 1 || !s.Sites[0].Rules[0].Fired {
 			return false
@@ -100,5 +102,8 @@ func (f *fleet) spike(t *testing.T) {
 			}
 		}
 		return false
-	}, 60*time.Second, 50*time.Millisecond, "the rule fires and free is denied")
+	}, 60*time.Second, 50*time.Millisecond, "the rule fires and free is denied") {
+		data, _ := json.Marshal(f.d.State())
+		t.Fatalf("the page's view: %s", data)
+	}
 }
