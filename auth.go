@@ -133,6 +133,8 @@ func retryAfter(err error) time.Duration {
 // a proxy among them, can send one. So while a lease is held it never
 // delays the loop past the lease's remaining time less one interval, and at
 // least one interval: a stray 503 cannot run a healthy client's lease out.
+// Before the first policy it delays the loop one interval at most: a stray
+// 503 cannot keep a new client failing open either.
 func (c *Client) retryDelay(err error, every time.Duration) time.Duration {
 	d := retryAfter(err)
 	if d == 0 {
@@ -143,9 +145,9 @@ func (c *Client) retryDelay(err error, every time.Duration) time.Duration {
 	left := c.leaseDeadline - c.clock()
 	c.mu.Unlock()
 	if leased {
-		d = min(d, max(left-every, every))
+		return min(d, max(left-every, every))
 	}
-	return d
+	return min(d, every)
 }
 
 // token is a validated JWT and when it must be refreshed.

@@ -585,6 +585,23 @@ func TestProtocolRetryAfter(t *testing.T) {
 	assert.Contains(t, c.Stats().LastError, "429")
 }
 
+// TestRetryAfterBeforeFirstPolicy: unsigned 503s with Retry-After: 600
+// before the first policy do not keep a new client failing open for ten
+// minutes: it asks again at its own intervals.
+func TestRetryAfterBeforeFirstPolicy(t *testing.T) {
+	cp := newPlane(t)
+	cp.SetPolicy("", controlplane.Policy{Version: 1, GlobalMaxWeight: 5})
+	cp.SetFaults(controlplane.Faults{Down: true, RetryAfter: 600 * time.Second})
+	c, _ := startClient(t, testOptions(cp))
+	eventually(t, func() bool {
+		return len(requestsTo(cp, http.MethodPost, wire.PathPulse)) >= 1 && len(requestsTo(cp, http.MethodPost, wire.PathToken)) >= 1
+	}, "a pulse and a sync answered 503 with Retry-After: 600")
+	assert.Equal(t, ModeFailOpen, c.Mode())
+	cp.SetFaults(controlplane.Faults{})
+	waitReady(t, c) // within the test's deadline, not ten minutes
+	assert.Equal(t, ModeEnforcing, c.Mode())
+}
+
 func TestNetworkShutdown(t *testing.T) {
 	cp := newPlane(t)
 	cp.SetPolicy("", controlplane.Policy{Version: 1, GlobalMaxWeight: 5})
