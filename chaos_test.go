@@ -96,13 +96,18 @@ func TestChaosFlappingControlPlane(t *testing.T) {
 	assert.Contains(t, seen, ModeSafeMode, "some outages outlasted the lease")
 }
 
+// TestChaosSlowControlPlane: a control plane slower than the pulse interval
+// still acknowledges pulses (a request has a floor of its own), one
+// request at a time, and the goroutines do not pile up.
 func TestChaosSlowControlPlane(t *testing.T) {
 	cp := newPlane(t)
 	cp.SetPolicy("", controlplane.Policy{Version: 1, GlobalMaxWeight: 5})
 	before := runtime.NumGoroutine()
 	c, _ := startClient(t, testOptions(cp))
 	waitReady(t, c)
-	// Every answer takes 4 pulse intervals: each request times out first.
+	// Every answer takes 4 pulse intervals, and less than the requests'
+	// floor: each waits for its answer, one at a time, and none fails.
+	sent, failed := c.Stats().PulsesSent, c.Stats().PulsesFailed
 	cp.SetFaults(controlplane.Faults{Delay: 200 * time.Millisecond})
 	most := 0
 	for end := time.Now().Add(3 * time.Second); time.Now().Before(end); time.Sleep(10 * time.Millisecond) {
@@ -112,12 +117,13 @@ func TestChaosSlowControlPlane(t *testing.T) {
 		assert.Equal(t, 1, n, "%s had %d requests in flight", loop, n)
 	}
 	s := c.Stats()
-	assert.GreaterOrEqual(t, s.PulsesFailed, uint64(10), "pulses kept being tried")
+	assert.GreaterOrEqual(t, s.PulsesSent, sent+3, "pulses slower than their interval still get through")
+	assert.Equal(t, failed, s.PulsesFailed, "none timed out")
 	// The client's two loops, the transport's connection goroutines and the
 	// server's handlers of requests being abandoned: a few dozen at most,
 	// however long it lasts.
 	assert.Less(t, most-before, 40, "goroutines did not pile up (%d before, %d at most)", before, most)
-	t.Logf("slow control plane 3 s: %d goroutines before, %d at most; %d pulse attempts failed", before, most, s.PulsesFailed)
+	t.Logf("slow control plane 3 s: %d goroutines before, %d at most; %d pulses acknowledged", before, most, s.PulsesSent-sent)
 	cp.SetFaults(controlplane.Faults{})
 }
 

@@ -76,7 +76,7 @@ func (c *Client) pulseTick(ctx context.Context) error {
 // sendPulse sends p once and acts on the answer. A 2xx answer whose
 // signature verifies acknowledges p even when its body does not parse.
 func (c *Client) sendPulse(ctx context.Context, p *pulse) (pulseOutcome, error) {
-	rctx, cancel := context.WithTimeout(ctx, c.pulseInterval())
+	rctx, cancel := context.WithTimeout(ctx, requestTimeout(c.pulseInterval()))
 	ans, err := c.do(rctx, call{op: "pulse", method: http.MethodPost, path: wire.PathPulse, body: p.body, signed: true})
 	cancel()
 	if err != nil {

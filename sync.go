@@ -103,7 +103,7 @@ func (c *Client) ensureToken(ctx context.Context, st *syncState) error {
 	if st.tok != nil && now < st.tok.refreshAt {
 		return nil
 	}
-	rctx, cancel := context.WithTimeout(ctx, c.syncInterval())
+	rctx, cancel := context.WithTimeout(ctx, requestTimeout(c.syncInterval()))
 	defer cancel()
 	tok, err := c.fetchToken(rctx)
 	if err != nil {
@@ -118,8 +118,17 @@ func (c *Client) ensureToken(ctx context.Context, st *syncState) error {
 	return nil
 }
 
+// minRequestTimeout is the shortest a request may take before it is given
+// up: a control plane that sets an interval shorter than its own round trip
+// still gets its answers through, at one request at a time.
+const minRequestTimeout = 2 * time.Second
+
+// requestTimeout bounds a request of a loop whose interval is every: one
+// interval, and never less than minRequestTimeout.
+func requestTimeout(every time.Duration) time.Duration { return max(every, minRequestTimeout) }
+
 func (c *Client) getPolicy(ctx context.Context, bearer string) (*signedAnswer, error) {
-	rctx, cancel := context.WithTimeout(ctx, c.syncInterval())
+	rctx, cancel := context.WithTimeout(ctx, requestTimeout(c.syncInterval()))
 	defer cancel()
 	return c.do(rctx, call{op: "policy", method: http.MethodGet, path: wire.PathPolicy, bearer: bearer})
 }
