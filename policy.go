@@ -317,11 +317,11 @@ func distinctTags(a, b map[string]json.RawMessage) int {
 // strings included, is refused.
 func parsePercent(raw json.RawMessage) (float64, error) {
 	if len(raw) == 0 || !(raw[0] == '-' || raw[0] >= '0' && raw[0] <= '9') {
-		return 0, fmt.Errorf("%w: shed percent %s is not a number", ErrBadPolicy, raw)
+		return 0, fmt.Errorf("%w: shed percent %.32s is not a number", ErrBadPolicy, raw)
 	}
 	v, err := strconv.ParseFloat(string(raw), 64)
 	if err != nil || !validPercent(v) {
-		return 0, fmt.Errorf("%w: shed percent %s is not in [0, 100]", ErrBadPolicy, raw)
+		return 0, fmt.Errorf("%w: shed percent %.32s is not in [0, 100]", ErrBadPolicy, raw)
 	}
 	return math.Abs(v), nil // -0 becomes 0
 }
@@ -357,18 +357,18 @@ func parseWeight(raw json.RawMessage) (float64, error) {
 		case "infinity", "+infinity", "inf", "+inf":
 			return math.Inf(1), nil
 		}
-		return 0, fmt.Errorf("%w: weight %q is not a number or Infinity", ErrBadPolicy, s)
+		return 0, fmt.Errorf("%w: weight %.32q is not a number or Infinity", ErrBadPolicy, s)
 	case len(raw) > 0 && (raw[0] == '-' || raw[0] >= '0' && raw[0] <= '9'):
 		// encoding/json has already checked that raw is a JSON number.
 		w, err := strconv.ParseFloat(string(raw), 64)
 		if err != nil && !math.IsInf(w, 1) {
-			return 0, fmt.Errorf("%w: weight %s is out of range", ErrBadPolicy, raw)
+			return 0, fmt.Errorf("%w: weight %.32s is out of range", ErrBadPolicy, raw)
 		}
 		if raw[0] == '-' && strings.Trim(string(raw), "-0.eE+") != "" {
 			// Negative, including one too small to be told from -0.
-			return 0, fmt.Errorf("%w: weight %s is negative", ErrBadPolicy, raw)
+			return 0, fmt.Errorf("%w: weight %.32s is negative", ErrBadPolicy, raw)
 		}
 		return math.Abs(w), nil // -0 becomes 0
 	}
-	return 0, fmt.Errorf("%w: weight %s is not a number or Infinity", ErrBadPolicy, raw)
+	return 0, fmt.Errorf("%w: weight %.32s is not a number or Infinity", ErrBadPolicy, raw)
 }

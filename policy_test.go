@@ -177,3 +177,20 @@ func TestPolicyClone(t *testing.T) {
 	assert.Equal(t, 1.0, p.TagMaxWeights["a"])
 	assert.Nil(t, (*Policy)(nil).Clone())
 }
+
+// TestPolicyErrorsQuoteLittle: a refused value of any size is quoted in
+// the error (and so in LastError and the log) by its first 32 bytes only.
+func TestPolicyErrorsQuoteLittle(t *testing.T) {
+	huge := strings.Repeat("9", 1<<20)
+	for _, raw := range []string{
+		`{"version":1,"globalMaxWeight":"` + huge + `"}`,
+		`{"version":1,"globalMaxWeight":-` + huge + `}`,
+		`{"version":1,"globalShedPercent":` + huge + `}`,
+		`{"version":1,"tagShedPercents":{"a":"` + huge + `"}}`,
+		`{"version":1,"globalMaxWeight":[` + huge + `]}`,
+	} {
+		_, err := parsePolicy([]byte(raw))
+		require.ErrorIs(t, err, ErrBadPolicy)
+		assert.Less(t, len(err.Error()), 200, "%.80s", err)
+	}
+}
