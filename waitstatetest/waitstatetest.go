@@ -23,6 +23,7 @@ import (
 	"math"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -45,15 +46,27 @@ type Server struct {
 	// URL is the control plane's base URL, for Options.BaseURL.
 	URL string
 
-	cp         *controlplane.Server
-	publishKey string
-	secretKey  string
+	// The control plane and the keys sit behind atomic pointers, which fmt
+	// prints as addresses whatever the verb: a Server printed by value (a
+	// copy's fields, which no method of Server can format) shows no key.
+	// A plain pointer is not enough: fmt prints what it points to for a
+	// verb such as %s.
+	state atomic.Pointer[state]
 
 	uiOnce sync.Once
 	ui     http.Handler
 	uiStop context.CancelFunc
 	uiDone chan struct{}
 }
+
+// state is what a Server holds besides its URL.
+type state struct {
+	cp                    *controlplane.Server
+	publishKey, secretKey string
+}
+
+// st is the Server's state.
+func (s *Server) st() *state { return s.state.Load() }
 
 // DefaultPolicy is the policy a Server serves until SetPolicy: version 1,
 // unlimited, nothing shed. So a client becomes Ready against a server a
@@ -65,11 +78,12 @@ func DefaultPolicy() *waitstate.Policy {
 // NewServer starts a control plane on loopback with a fresh key pair,
 // serving DefaultPolicy until SetPolicy. Close it when done.
 func NewServer() *Server {
-	s := &Server{cp: controlplane.New(), publishKey: "pk_test_" + randomHex(), secretKey: "sk_test_" + randomHex()}
-	s.URL = s.cp.URL
-	s.cp.AddKey(s.publishKey, s.secretKey)
-	s.cp.SetRuleWindow(RuleWindow)
-	s.cp.SetLogLimit(LogLimit)
+	st := &state{cp: controlplane.New(), publishKey: "pk_test_" + randomHex(), secretKey: "sk_test_" + randomHex()}
+	s := &Server{URL: st.cp.URL}
+	s.state.Store(st)
+	st.cp.AddKey(st.publishKey, st.secretKey)
+	s.st().cp.SetRuleWindow(RuleWindow)
+	s.st().cp.SetLogLimit(LogLimit)
 	s.SetPolicy("", DefaultPolicy())
 	return s
 }
@@ -84,7 +98,7 @@ func NewTestServer(tb testing.TB) *Server {
 
 // Close stops the server. Hung requests are released first.
 func (s *Server) Close() {
-	s.cp.Close()
+	s.st().cp.Close()
 	s.uiOnce.Do(func() {}) // no UI after Close
 	if s.uiStop != nil {
 		s.uiStop()
@@ -101,7 +115,7 @@ func (s *Server) Close() {
 // key. Call it before Close.
 func (s *Server) UI() http.Handler {
 	s.uiOnce.Do(func() {
-		d := dashboard.New(s.cp)
+		d := dashboard.New(s.st().cp)
 		ctx, cancel := context.WithCancel(context.Background())
 		s.ui, s.uiStop, s.uiDone = d.Handler(), cancel, make(chan struct{})
 		go func() {
@@ -120,8 +134,8 @@ func (s *Server) UI() http.Handler {
 // three times the sync interval unless SetLeaseTTL says otherwise.
 func (s *Server) Options() waitstate.Options {
 	return waitstate.Options{
-		PublishKey:    s.publishKey,
-		SecretKey:     s.secretKey,
+		PublishKey:    s.st().publishKey,
+		SecretKey:     s.st().secretKey,
 		BaseURL:       s.URL,
 		PulseInterval: PulseInterval,
 		SyncInterval:  SyncInterval,
@@ -131,7 +145,7 @@ func (s *Server) Options() waitstate.Options {
 // String describes the server by its URL and publish key; it never shows
 // the secret key.
 func (s *Server) String() string {
-	return fmt.Sprintf("waitstatetest.Server{URL:%q PublishKey:%q SecretKey:[REDACTED]}", s.URL, s.publishKey)
+	return fmt.Sprintf("waitstatetest.Server{URL:%q PublishKey:%q SecretKey:[REDACTED]}", s.URL, s.st().publishKey)
 }
 
 // Format prints s as String does, whatever the verb.
@@ -141,7 +155,7 @@ func (s *Server) Format(f fmt.State, verb rune) { _, _ = f.Write([]byte(s.String
 // keeps books of its own, as a real control plane does: its clients' counts,
 // rule state and policy versions never mix with another key's, and Totals,
 // Metrics and Policy report on the key of Options.
-func (s *Server) AddKey(publishKey, secretKey string) { s.cp.AddKey(publishKey, secretKey) }
+func (s *Server) AddKey(publishKey, secretKey string) { s.st().cp.AddKey(publishKey, secretKey) }
 
 // SetPolicy sets the base policy of site; "" is the default for sites
 // without one of their own. Clients receive it, with the limits of the
@@ -151,18 +165,18 @@ func (s *Server) SetPolicy(site string, p *waitstate.Policy) {
 	if err := p.Validate(); err != nil {
 		panic("waitstatetest: SetPolicy: " + err.Error())
 	}
-	s.cp.SetPolicy(site, controlplane.Policy{Version: p.Version, GlobalMaxWeight: p.GlobalMaxWeight, TagMaxWeights: p.TagMaxWeights,
+	s.st().cp.SetPolicy(site, controlplane.Policy{Version: p.Version, GlobalMaxWeight: p.GlobalMaxWeight, TagMaxWeights: p.TagMaxWeights,
 		GlobalShedPercent: p.GlobalShedPercent, TagShedPercents: p.TagShedPercents})
 }
 
 // SetPolicyJSON sets a policy as raw JSON, served as it is, for testing how
 // a client treats a policy it must refuse.
-func (s *Server) SetPolicyJSON(site, raw string) { s.cp.SetPolicyJSON(site, raw) }
+func (s *Server) SetPolicyJSON(site, raw string) { s.st().cp.SetPolicyJSON(site, raw) }
 
 // Policy returns the policy served to site now, rules applied; false when
 // there is none.
 func (s *Server) Policy(site string) (*waitstate.Policy, bool) {
-	p, ok := s.cp.Policy(site)
+	p, ok := s.st().cp.Policy(site)
 	if !ok {
 		return nil, false
 	}
@@ -183,7 +197,7 @@ func (s *Server) Policy(site string) (*waitstate.Policy, bool) {
 //	{"name": "protect-enterprise", "metricTag": "enterprise", "metric": "latency_p95_ms",
 //	 "operator": ">", "threshold": 300, "tagName": "free", "action": "block", "cooldownSeconds": 30}
 func (s *Server) SetRules(site string, rules ...Rule) error {
-	return s.cp.SetRules(site, convert(rules, Rule.internal)...)
+	return s.st().cp.SetRules(site, convert(rules, Rule.internal)...)
 }
 
 // SetIncidentPulseInterval sets the pulse interval site's clients are told
@@ -194,65 +208,65 @@ func (s *Server) SetRules(site string, rules ...Rule) error {
 // at least 250 ms and never more than the normal one. Once every rule has
 // cleared, clients are told the normal interval again.
 func (s *Server) SetIncidentPulseInterval(site string, d time.Duration) {
-	s.cp.SetIncidentPulseInterval(site, d)
+	s.st().cp.SetIncidentPulseInterval(site, d)
 }
 
 // SetRuleWindow changes how far back the rules look.
-func (s *Server) SetRuleWindow(d time.Duration) { s.cp.SetRuleWindow(d) }
+func (s *Server) SetRuleWindow(d time.Duration) { s.st().cp.SetRuleWindow(d) }
 
 // SetLeaseTTL sets the lease of every answer; 0 lets clients use their
 // default of three times their longer interval.
-func (s *Server) SetLeaseTTL(d time.Duration) { s.cp.SetLeaseTTL(d) }
+func (s *Server) SetLeaseTTL(d time.Duration) { s.st().cp.SetLeaseTTL(d) }
 
 // SetIntervals sets the pulse and sync intervals every answer carries;
 // clients adopt them from their next tick, clamped to [100 ms, 10 min]. 0
 // leaves an interval out of the answers.
-func (s *Server) SetIntervals(pulse, sync time.Duration) { s.cp.SetIntervals(pulse, sync) }
+func (s *Server) SetIntervals(pulse, sync time.Duration) { s.st().cp.SetIntervals(pulse, sync) }
 
 // SetLogger sets where the server says what its operator should know, such
 // as two processes pulsing under one InstanceID; nil (the default)
 // discards it.
-func (s *Server) SetLogger(l *slog.Logger) { s.cp.SetLogger(l) }
+func (s *Server) SetLogger(l *slog.Logger) { s.st().cp.SetLogger(l) }
 
 // SetFaults makes the control plane misbehave as f says, until the next
 // SetFaults or Heal.
-func (s *Server) SetFaults(f Faults) { s.cp.SetFaults(f.internal()) }
+func (s *Server) SetFaults(f Faults) { s.st().cp.SetFaults(f.internal()) }
 
 // Heal ends every fault.
-func (s *Server) Heal() { s.cp.SetFaults(controlplane.Faults{}) }
+func (s *Server) Heal() { s.st().cp.SetFaults(controlplane.Faults{}) }
 
 // RevokeTokens makes every token issued so far invalid.
-func (s *Server) RevokeTokens() { s.cp.RevokeTokens() }
+func (s *Server) RevokeTokens() { s.st().cp.RevokeTokens() }
 
 // Pulses returns the pulses counted so far, in order of arrival, each
 // (instance, seq) once: the last LogLimit of them.
-func (s *Server) Pulses() []Pulse { return convert(s.cp.Pulses(), pulseFrom) }
+func (s *Server) Pulses() []Pulse { return convert(s.st().cp.Pulses(), pulseFrom) }
 
 // Totals adds up what site's instances reported, since the server started.
-func (s *Server) Totals(site string) Totals { return totalsFrom(s.cp.Totals(site)) }
+func (s *Server) Totals(site string) Totals { return totalsFrom(s.st().cp.Totals(site)) }
 
 // Metrics returns site's figures over the rule window, as its rules see
 // them.
-func (s *Server) Metrics(site string) Metrics { return metricsFrom(s.cp.Metrics(site)) }
+func (s *Server) Metrics(site string) Metrics { return metricsFrom(s.st().cp.Metrics(site)) }
 
 // TagMetrics returns the figures of one tag's traffic on site over the rule
 // window, for a tag that one of the site's rules measures (its MetricTag);
 // other tags are not aggregated and have none.
 func (s *Server) TagMetrics(site, tag string) Metrics {
-	return metricsFrom(s.cp.MetricsOf(s.publishKey, site, tag))
+	return metricsFrom(s.st().cp.MetricsOf(s.st().publishKey, site, tag))
 }
 
 // Events returns the rules' firings and clearings so far (the last
 // LogLimit of them), in order.
 func (s *Server) Events() []Event {
-	return convert(s.cp.Events(), func(e controlplane.Event) Event {
+	return convert(s.st().cp.Events(), func(e controlplane.Event) Event {
 		return Event{Seq: e.Seq, At: e.At, Site: e.Site, Rule: e.Rule, Fired: e.Fired, Value: e.Value, Version: e.Version}
 	})
 }
 
 // Requests returns the requests received so far (the last LogLimit of
 // them), in order.
-func (s *Server) Requests() []Request { return convert(s.cp.Requests(), requestFrom) }
+func (s *Server) Requests() []Request { return convert(s.st().cp.Requests(), requestFrom) }
 
 // LogLimit is how many pulses, requests and events a Server keeps for
 // Pulses, Requests and Events; Totals count every pulse regardless.
