@@ -102,6 +102,10 @@ func (d *decoder) null() bool {
 // (valid only during the call). A member named twice is read twice, the
 // later overriding, as encoding/json does.
 func (d *decoder) object(member func(name []byte)) {
+	if !d.nest() {
+		return
+	}
+	defer func() { d.depth-- }()
 	d.expect('{')
 	if d.peek() == '}' {
 		d.i++
@@ -395,21 +399,32 @@ func (d *decoder) strings(v *[]string) {
 	}
 }
 
-// maxDepth bounds the nesting of skipped values, as encoding/json does.
+// maxDepth bounds the nesting of objects and arrays, the pulse's own
+// included, as encoding/json does.
 const maxDepth = 10_000
+
+// nest enters one more object or array, and fails past maxDepth; the
+// caller leaves it with d.depth--.
+func (d *decoder) nest() bool {
+	d.depth++
+	if d.depth > maxDepth {
+		d.depth--
+		d.fail("nested too deep")
+		return false
+	}
+	return true
+}
 
 // skip reads any value.
 func (d *decoder) skip() {
-	d.depth++
-	defer func() { d.depth-- }()
-	if d.depth > maxDepth {
-		d.fail("nested too deep")
-		return
-	}
 	switch d.peek() {
 	case '{':
 		d.object(func([]byte) { d.skip() })
 	case '[':
+		if !d.nest() {
+			return
+		}
+		defer func() { d.depth-- }()
 		d.i++
 		if d.peek() == ']' {
 			d.i++

@@ -46,6 +46,12 @@ func TestDecodePulse(t *testing.T) {
 	assert.Equal(t, map[string]wire.TagCount{"a": {Bounced: 2}}, twice.Tags, "a key given twice: the later wins, as in encoding/json")
 	assert.Error(t, decodePulse([]byte(`null`), &p, false, nil))
 	assert.Error(t, decodePulse([]byte(strings.Repeat("[", 20_000)), &p, false, nil))
+	// Nesting as deep as encoding/json takes, the pulse's object included,
+	// and one level more.
+	for _, deep := range []int{9_999, 10_000} {
+		comparePulseDecoders(t, []byte(`{"a":`+strings.Repeat("[", deep)+strings.Repeat("]", deep)+`}`))
+		comparePulseDecoders(t, []byte(`{"tags":{"t":{"x":`+strings.Repeat(`{"a":`, deep-2)+"1"+strings.Repeat("}", deep-2)+`}}}`))
+	}
 	var lean wire.PulseBody
 	require.NoError(t, decodePulse([]byte(pulseSeeds()[0]), &lean, true, []string{"tenant-1"}))
 	require.NoError(t, decodePulse([]byte(pulseSeeds()[0]), &p, false, nil))
