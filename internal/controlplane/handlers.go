@@ -16,11 +16,26 @@ import (
 	"github.com/waitstate/waitstate-go/internal/wire"
 )
 
-// recorder logs every request, its status and duration, and how many
-// requests each loop of a known key's client has in flight. It reads no
-// body: it logs what the handler read.
+// maxIDHeader bounds the instance and site headers, as the SDK bounds
+// InstanceID and SiteID: a request with a longer one is refused before
+// anything of it is kept.
+const maxIDHeader = 256
+
+// maxLoops bounds the loops whose requests in flight are counted
+// (MaxInFlight): a stranger holding a publish key, but not its secret,
+// can name as many instances as it likes.
+const maxLoops = 10_000
+
+// recorder refuses a request whose instance or site header is longer than
+// maxIDHeader, and logs every other request, its status and duration, and
+// how many requests each loop of a known key's client has in flight (for
+// at most maxLoops loops). It reads no body: it logs what the handler read.
 func (s *Server) recorder(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if len(r.Header.Get(wire.HeaderInstance)) > maxIDHeader || len(r.Header.Get(wire.HeaderSite)) > maxIDHeader {
+			http.Error(w, "instance or site header longer than 256 bytes", http.StatusBadRequest)
+			return
+		}
 		at := time.Now()
 		loop := r.Header.Get(wire.HeaderInstance) + " sync"
 		if r.URL.Path == wire.PathPulse {
@@ -28,6 +43,9 @@ func (s *Server) recorder(next http.Handler) http.Handler {
 		}
 		s.mu.Lock()
 		_, known := s.keys[r.Header.Get(wire.HeaderKey)]
+		if _, seen := s.maxFlight[loop]; known && !seen && len(s.maxFlight) >= maxLoops {
+			known = false // not counted: the bound is reached
+		}
 		if known {
 			s.inflight[loop]++
 			s.maxFlight[loop] = max(s.maxFlight[loop], s.inflight[loop])

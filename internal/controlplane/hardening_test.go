@@ -187,6 +187,43 @@ func TestBodiesReadOnlyForKnownKeys(t *testing.T) {
 	assert.Equal(t, http.StatusRequestEntityTooLarge, resp.StatusCode, "undeclared length")
 }
 
+// TestInFlightBookkeepingBounded: requests naming a known key, unsigned,
+// with a new instance each, are counted for at most maxLoops loops, and a
+// header longer than an InstanceID or SiteID can be is refused before
+// anything of the request is kept.
+func TestInFlightBookkeepingBounded(t *testing.T) {
+	s := New()
+	defer s.Close()
+	s.AddKey("pk", "sk")
+	long := strings.Repeat("i", maxIDHeader+1)
+	for _, header := range []string{wire.HeaderInstance, wire.HeaderSite} {
+		req, err := http.NewRequest(http.MethodPost, s.URL+wire.PathPulse, nil)
+		require.NoError(t, err)
+		req.Header.Set(wire.HeaderKey, "pk")
+		req.Header.Set(header, long)
+		resp, err := http.DefaultClient.Do(req)
+		require.NoError(t, err)
+		resp.Body.Close()
+		assert.Equal(t, http.StatusBadRequest, resp.StatusCode, header)
+	}
+	assert.Empty(t, s.MaxInFlight())
+	assert.Empty(t, s.Requests(), "not logged either")
+
+	pad := strings.Repeat("x", maxIDHeader-16)
+	for i := range maxLoops + 50 {
+		req, err := http.NewRequest(http.MethodPost, s.URL+wire.PathPulse, nil)
+		require.NoError(t, err)
+		req.Header.Set(wire.HeaderKey, "pk")
+		req.Header.Set(wire.HeaderInstance, fmt.Sprintf("%s%016d", pad, i))
+		resp, err := http.DefaultClient.Do(req)
+		require.NoError(t, err)
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		require.Equal(t, http.StatusUnauthorized, resp.StatusCode)
+	}
+	assert.Len(t, s.MaxInFlight(), maxLoops, "at most maxLoops loops counted")
+}
+
 // TestServerTimeouts: a client that sends its body slowly, and a
 // keep-alive connection left idle, are closed by the server; before, both
 // stayed open past 22 s.
