@@ -357,6 +357,32 @@ func (d *decoder) string(v *string) {
 	*v = string(d.str())
 }
 
+// array calls elem for each element of an array, as object does for an
+// object's members.
+func (d *decoder) array(elem func()) {
+	if !d.nest() {
+		return
+	}
+	defer func() { d.depth-- }()
+	d.expect('[')
+	if d.peek() == ']' {
+		d.i++
+		return
+	}
+	for d.err == nil {
+		elem()
+		switch d.peek() {
+		case ',':
+			d.i++
+		case ']':
+			d.i++
+			return
+		default:
+			d.fail("expected , or ]")
+		}
+	}
+}
+
 // strings reads an array of strings as encoding/json does: null is nil,
 // [] an empty slice; the array is read into *v's own backing array, whose
 // element a null leaves as it was.
@@ -369,33 +395,20 @@ func (d *decoder) strings(v *[]string) {
 		d.fail("expected an array")
 		return
 	}
-	d.i++
 	out := (*v)[:0]
 	if out == nil {
 		out = []string{}
 	}
-	if d.peek() == ']' {
-		d.i++
-		*v = out
-		return
-	}
-	for d.err == nil {
+	d.array(func() {
 		if len(out) < cap(out) {
 			out = out[:len(out)+1]
 		} else {
 			out = append(out, "")
 		}
 		d.string(&out[len(out)-1])
-		switch d.peek() {
-		case ',':
-			d.i++
-		case ']':
-			d.i++
-			*v = out
-			return
-		default:
-			d.fail("expected , or ]")
-		}
+	})
+	if d.err == nil {
+		*v = out
 	}
 }
 
@@ -421,27 +434,7 @@ func (d *decoder) skip() {
 	case '{':
 		d.object(func([]byte) { d.skip() })
 	case '[':
-		if !d.nest() {
-			return
-		}
-		defer func() { d.depth-- }()
-		d.i++
-		if d.peek() == ']' {
-			d.i++
-			return
-		}
-		for d.err == nil {
-			d.skip()
-			switch d.peek() {
-			case ',':
-				d.i++
-			case ']':
-				d.i++
-				return
-			default:
-				d.fail("expected , or ]")
-			}
-		}
+		d.array(d.skip)
 	case '"':
 		d.str()
 	case 't':
