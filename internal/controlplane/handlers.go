@@ -21,19 +21,24 @@ import (
 // anything of it is kept.
 const maxIDHeader = 256
 
+// maxNonceHeader bounds the nonce header: the SDK's nonces are 32 hex
+// digits, and token nonces are remembered for the clock-skew window.
+const maxNonceHeader = 128
+
 // maxLoops bounds the loops whose requests in flight are counted
 // (MaxInFlight): a stranger holding a publish key, but not its secret,
 // can name as many instances as it likes.
 const maxLoops = 10_000
 
 // recorder refuses a request whose instance or site header is longer than
-// maxIDHeader, and logs every other request, its status and duration, and
+// maxIDHeader, or whose nonce is longer than maxNonceHeader, and logs every other request, its status and duration, and
 // how many requests each loop of a known key's client has in flight (for
 // at most maxLoops loops). It reads no body: it logs what the handler read.
 func (s *Server) recorder(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if len(r.Header.Get(wire.HeaderInstance)) > maxIDHeader || len(r.Header.Get(wire.HeaderSite)) > maxIDHeader {
-			http.Error(w, "instance or site header longer than 256 bytes", http.StatusBadRequest)
+		if len(r.Header.Get(wire.HeaderInstance)) > maxIDHeader || len(r.Header.Get(wire.HeaderSite)) > maxIDHeader ||
+			len(r.Header.Get(wire.HeaderNonce)) > maxNonceHeader {
+			http.Error(w, "instance or site header longer than 256 bytes, or nonce longer than 128", http.StatusBadRequest)
 			return
 		}
 		at := time.Now()
@@ -437,7 +442,7 @@ func (s *Server) handlePulse(w http.ResponseWriter, r *http.Request) {
 	}
 	p.Raw = body
 	p.Site = r.Header.Get(wire.HeaderSite)
-	if p.SiteID != p.Site {
+	if p.SiteID != p.Site || !tagsBounded(&p) {
 		s.fail(w, http.StatusBadRequest, 0)
 		return
 	}
@@ -482,6 +487,22 @@ func (s *Server) handlePulse(w http.ResponseWriter, r *http.Request) {
 		policy = nil
 	}
 	s.answer(w, r, secret, f, leaseBody(policy, block, cfg, pulseEvery, f))
+}
+
+// maxTagName bounds a tag's name in a pulse, as the SDK bounds it (longer
+// ones it counts under "_other"): a pulse with a longer one did not come
+// from it, and is refused whole rather than kept.
+const maxTagName = 256
+
+// tagsBounded reports whether every tag of p has a name of at most
+// maxTagName bytes.
+func tagsBounded(p *Pulse) bool {
+	for tag := range p.Tags {
+		if len(tag) > maxTagName {
+			return false
+		}
+	}
+	return true
 }
 
 // pulseCost estimates the bytes a logged pulse holds: its body and what

@@ -206,8 +206,28 @@ func TestInFlightBookkeepingBounded(t *testing.T) {
 		resp.Body.Close()
 		assert.Equal(t, http.StatusBadRequest, resp.StatusCode, header)
 	}
+	req, err := http.NewRequest(http.MethodPost, s.URL+wire.PathToken, nil)
+	require.NoError(t, err)
+	req.Header.Set(wire.HeaderKey, "pk")
+	req.Header.Set(wire.HeaderNonce, strings.Repeat("n", maxNonceHeader+1))
+	resp, err := http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	resp.Body.Close()
+	assert.Equal(t, http.StatusBadRequest, resp.StatusCode, "a nonce longer than 128 bytes")
 	assert.Empty(t, s.MaxInFlight())
 	assert.Empty(t, s.Requests(), "not logged either")
+
+	// A pulse with a tag longer than the SDK sends is refused whole, and
+	// nothing of it is counted.
+	id := wire.Identity{PublishKey: "pk", InstanceID: "i1"}
+	for name, status := range map[string]int{strings.Repeat("t", maxTagName): http.StatusOK, strings.Repeat("t", maxTagName+1): http.StatusBadRequest} {
+		body := fmt.Appendf(nil, `{"instanceId":"i1","seq":%d,"usageDelta":1,"tags":{%q:{"usage":1}}}`, len(name), name)
+		resp, err := http.DefaultClient.Do(signed("POST", s.URL+wire.PathPulse, "sk", id, body))
+		require.NoError(t, err)
+		resp.Body.Close()
+		assert.Equal(t, status, resp.StatusCode, "a tag of %d bytes", len(name))
+	}
+	assert.EqualValues(t, 1, s.Totals("").Usage, "only the pulse whose tag fits is counted")
 
 	pad := strings.Repeat("x", maxIDHeader-16)
 	for i := range maxLoops + 50 {
