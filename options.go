@@ -200,7 +200,7 @@ func OptionsFromEnv() (Options, error) {
 }
 
 // maxSiteIDLen bounds SiteID and InstanceID, like a policy's tag names.
-const maxSiteIDLen = 256
+const maxSiteIDLen = wire.MaxIDBytes
 
 // withDefaults validates o and returns it with every default applied.
 // Errors wrap ErrInvalidOptions and never quote the secret key.

@@ -19,7 +19,7 @@ const (
 	MaxPolicyTags = 10000
 	// MaxTagNameBytes bounds a tag name, in a policy and in Gate: a longer
 	// tag is counted under OtherTag.
-	MaxTagNameBytes = 256
+	MaxTagNameBytes = wire.MaxTagNameBytes
 )
 
 // Policy is what the control plane decides: weight limits, and the share of

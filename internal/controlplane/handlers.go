@@ -16,11 +16,6 @@ import (
 	"github.com/waitstate/waitstate-go/internal/wire"
 )
 
-// maxIDHeader bounds the instance and site headers, as the SDK bounds
-// InstanceID and SiteID: a request with a longer one is refused before
-// anything of it is kept.
-const maxIDHeader = 256
-
 // maxNonceHeader bounds the nonce header: the SDK's nonces are 32 hex
 // digits, and token nonces are remembered for the clock-skew window.
 const maxNonceHeader = 128
@@ -31,12 +26,13 @@ const maxNonceHeader = 128
 const maxLoops = 10_000
 
 // recorder refuses a request whose instance or site header is longer than
-// maxIDHeader, or whose nonce is longer than maxNonceHeader, and logs every other request, its status and duration, and
-// how many requests each loop of a known key's client has in flight (for
+// the SDK's InstanceID and SiteID can be (wire.MaxIDBytes), or whose nonce
+// is longer than maxNonceHeader, before anything of it is kept; it logs
+// every other request, its status and duration, and how many requests each loop of a known key's client has in flight (for
 // at most maxLoops loops). It reads no body: it logs what the handler read.
 func (s *Server) recorder(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if len(r.Header.Get(wire.HeaderInstance)) > maxIDHeader || len(r.Header.Get(wire.HeaderSite)) > maxIDHeader ||
+		if len(r.Header.Get(wire.HeaderInstance)) > wire.MaxIDBytes || len(r.Header.Get(wire.HeaderSite)) > wire.MaxIDBytes ||
 			len(r.Header.Get(wire.HeaderNonce)) > maxNonceHeader {
 			http.Error(w, "instance or site header longer than 256 bytes, or nonce longer than 128", http.StatusBadRequest)
 			return
@@ -489,16 +485,12 @@ func (s *Server) handlePulse(w http.ResponseWriter, r *http.Request) {
 	s.answer(w, r, secret, f, leaseBody(policy, block, cfg, pulseEvery, f))
 }
 
-// maxTagName bounds a tag's name in a pulse, as the SDK bounds it (longer
-// ones it counts under "_other"): a pulse with a longer one did not come
-// from it, and is refused whole rather than kept.
-const maxTagName = 256
-
 // tagsBounded reports whether every tag of p has a name of at most
-// maxTagName bytes.
+// wire.MaxTagNameBytes: a pulse with a longer one did not come from the
+// SDK, and is refused whole rather than kept.
 func tagsBounded(p *Pulse) bool {
 	for tag := range p.Tags {
-		if len(tag) > maxTagName {
+		if len(tag) > wire.MaxTagNameBytes {
 			return false
 		}
 	}

@@ -195,7 +195,7 @@ func TestInFlightBookkeepingBounded(t *testing.T) {
 	s := New()
 	defer s.Close()
 	s.AddKey("pk", "sk")
-	long := strings.Repeat("i", maxIDHeader+1)
+	long := strings.Repeat("i", wire.MaxIDBytes+1)
 	for _, header := range []string{wire.HeaderInstance, wire.HeaderSite} {
 		req, err := http.NewRequest(http.MethodPost, s.URL+wire.PathPulse, nil)
 		require.NoError(t, err)
@@ -220,7 +220,7 @@ func TestInFlightBookkeepingBounded(t *testing.T) {
 	// A pulse with a tag longer than the SDK sends is refused whole, and
 	// nothing of it is counted.
 	id := wire.Identity{PublishKey: "pk", InstanceID: "i1"}
-	for name, status := range map[string]int{strings.Repeat("t", maxTagName): http.StatusOK, strings.Repeat("t", maxTagName+1): http.StatusBadRequest} {
+	for name, status := range map[string]int{strings.Repeat("t", wire.MaxTagNameBytes): http.StatusOK, strings.Repeat("t", wire.MaxTagNameBytes+1): http.StatusBadRequest} {
 		body := fmt.Appendf(nil, `{"instanceId":"i1","seq":%d,"usageDelta":1,"tags":{%q:{"usage":1}}}`, len(name), name)
 		resp, err := http.DefaultClient.Do(signed("POST", s.URL+wire.PathPulse, "sk", id, body))
 		require.NoError(t, err)
@@ -229,7 +229,7 @@ func TestInFlightBookkeepingBounded(t *testing.T) {
 	}
 	assert.EqualValues(t, 1, s.Totals("").Usage, "only the pulse whose tag fits is counted")
 
-	pad := strings.Repeat("x", maxIDHeader-16)
+	pad := strings.Repeat("x", wire.MaxIDBytes-16)
 	for i := range maxLoops + 50 {
 		req, err := http.NewRequest(http.MethodPost, s.URL+wire.PathPulse, nil)
 		require.NoError(t, err)

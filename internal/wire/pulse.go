@@ -60,6 +60,14 @@ type Metric struct {
 // MaxMetricNameBytes bounds a custom metric's name.
 const MaxMetricNameBytes = 64
 
+// MaxTagNameBytes bounds a tag's name: the SDK counts a longer one under
+// "_other", and the control plane refuses a pulse that names one.
+const MaxTagNameBytes = 256
+
+// MaxIDBytes bounds an InstanceID and a SiteID, in options and in the
+// headers that carry them.
+const MaxIDBytes = 256
+
 // ValidMetricName reports whether name can name a custom metric: 1 to
 // MaxMetricNameBytes bytes of [a-z0-9_.].
 func ValidMetricName(name string) bool {
