@@ -161,14 +161,7 @@ func (a *agg) add(calls uint64, h *Health, custom map[string]MetricAgg) {
 	if h != nil && h.Requests > 0 {
 		a.requests += h.Requests
 		a.errors += min(h.Errors, h.Requests)
-		if idx, counts, ok := histogramOf(h); ok {
-			if a.hist == nil {
-				a.hist = new([wire.HistBuckets]uint64)
-			}
-			for i, c := range idx {
-				a.hist[c] += counts[i]
-			}
-		} else {
+		if !AddHistogram(&a.hist, h) {
 			a.legacy = append(a.legacy, h)
 		}
 	}
@@ -196,23 +189,33 @@ func (a *agg) addMetric(name string, m MetricAgg) {
 	a.custom[name] = MetricAgg{Count: sum.Count + m.Count, Sum: sum.Sum + m.Sum, Min: min(sum.Min, m.Min), Max: max(sum.Max, m.Max)}
 }
 
-// histogramOf parses a health's histogram: bucket indexes and their counts.
-// ok is false without one, for another scheme, or for one that does not
-// parse, whose health then counts through its quantiles alone.
-func histogramOf(h *Health) (idx []int, counts []uint64, ok bool) {
-	if h.Histogram == nil || h.Histogram.Scheme != wire.HistogramScheme {
-		return nil, nil, false
+// AddHistogram adds a health's histogram to *dst, made on first use, and
+// reports whether it did. It adds nothing without one, for another scheme,
+// or for one with a bucket that does not parse: such a health counts
+// through its quantiles alone.
+func AddHistogram(dst **[wire.HistBuckets]uint64, h *Health) bool {
+	if h == nil || h.Histogram == nil || h.Histogram.Scheme != wire.HistogramScheme {
+		return false
 	}
-	idx = make([]int, 0, len(h.Histogram.Counts))
-	counts = make([]uint64, 0, len(h.Histogram.Counts))
-	for key, c := range h.Histogram.Counts {
-		i, err := strconv.Atoi(key)
-		if err != nil || i < 0 || i >= wire.HistBuckets {
-			return nil, nil, false
+	for key := range h.Histogram.Counts {
+		if _, ok := bucketOf(key); !ok {
+			return false
 		}
-		idx, counts = append(idx, i), append(counts, c)
 	}
-	return idx, counts, true
+	if *dst == nil {
+		*dst = new([wire.HistBuckets]uint64)
+	}
+	for key, c := range h.Histogram.Counts {
+		i, _ := bucketOf(key)
+		(*dst)[i] += c
+	}
+	return true
+}
+
+// bucketOf reads a histogram's bucket index.
+func bucketOf(key string) (int, bool) {
+	i, err := strconv.Atoi(key)
+	return i, err == nil && i >= 0 && i < wire.HistBuckets
 }
 
 // live calls f for each slot within the window ending at now.

@@ -175,16 +175,7 @@ func (d *Dashboard) observe(name string, p *controlplane.Pulse, events []control
 		}
 		ts.allowed += tc.Usage
 		ts.denied += tc.Bounced
-		if h := tc.Health; h != nil && h.Histogram != nil && h.Histogram.Scheme == wire.HistogramScheme {
-			for key, c := range h.Histogram.Counts {
-				if i, err := strconv.Atoi(key); err == nil && i >= 0 && i < wire.HistBuckets {
-					if ts.hist == nil {
-						ts.hist = new([wire.HistBuckets]uint64)
-					}
-					ts.hist[i] += c
-				}
-			}
-		}
+		controlplane.AddHistogram(&ts.hist, tc.Health)
 	}
 	st.events = append(st.events, events...)
 	if n := len(st.events) - maxEvents; n > 0 {
