@@ -211,11 +211,7 @@ func (d *Dashboard) Tick() {
 // pulse interval in whole seconds (1 to smoothMax): a pulse brings a whole
 // interval's calls at once, and a rate over less would jump.
 func (st *site) sample(now time.Time) sample {
-	var pulses int
-	var windowMs int64
-	for _, s := range st.recent {
-		pulses, windowMs = pulses+s.pulses, windowMs+s.windowMs
-	}
+	pulses, windowMs := st.windows()
 	k := 1
 	if pulses > 0 {
 		k = int(math.Ceil(float64(windowMs) / float64(pulses) / 1000))
@@ -241,6 +237,15 @@ func (st *site) sample(now time.Time) sample {
 			P95Ms: wire.HistQuantile(&hist, 0.95)}
 	}
 	return s
+}
+
+// windows is how many pulses the recent seconds brought, and the sum of
+// their windows in ms.
+func (st *site) windows() (pulses int, windowMs int64) {
+	for _, s := range st.recent {
+		pulses, windowMs = pulses+s.pulses, windowMs+s.windowMs
+	}
+	return pulses, windowMs
 }
 
 // State is the page's JSON: every site the control plane's primary key
@@ -315,12 +320,7 @@ func (d *Dashboard) siteState(name string, st *site) SiteState {
 			local[r]++
 		}
 	}
-	var pulses int
-	var windowMs int64
-	for _, s := range st.recent {
-		pulses, windowMs = pulses+s.pulses, windowMs+s.windowMs
-	}
-	if pulses > 0 {
+	if pulses, windowMs := st.windows(); pulses > 0 {
 		v.ClientIntervalMs = windowMs / int64(pulses)
 	}
 	if p, ok := d.cp.Policy(name); ok {
