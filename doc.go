@@ -81,8 +81,12 @@
 // is cut into a pulse with a sequence number, carrying per-tag counts,
 // health with a latency histogram, and custom metrics; a pulse whose outcome
 // is unknown is sent again, unchanged, until it is acknowledged, and the
-// control plane counts each (instance, seq) once. The control plane may set
-// the pulse and sync intervals in its answers.
+// control plane counts each (instance, seq) once. A pulse always fits in
+// the 1 MiB a control plane accepts: a window too detailed for that leaves
+// out, in turn, its tags' histograms, their custom metrics, and then its
+// tags with the fewest calls, whose calls it counts under [OtherTag] — never
+// a call ([Stats].PulsesTrimmed). The control plane may set the pulse and
+// sync intervals in its answers.
 //
 // Requests to the control plane are signed with HMAC-SHA256 over a canonical
 // string that binds method, path, timestamp, a fresh nonce, the publish key,

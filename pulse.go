@@ -1,6 +1,8 @@
 package waitstate
 
 import (
+	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -8,6 +10,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/waitstate/waitstate-go/internal/wire"
@@ -175,11 +178,120 @@ func (c *Client) cut(final bool) *pulse {
 
 	c.seq++
 	body.Seq = c.seq
-	data, err := json.Marshal(body)
-	if err != nil {
+	data := encodePulse(&body, maxPulseBytes)
+	if body.Trimmed != nil {
+		c.pulsesTrimmed.Add(1)
+		if !c.trimming {
+			c.log.Warn("waitstate: a pulse shed detail to fit the control plane's size limit; its counts are whole",
+				"seq", body.Seq, "tags", len(r.tags), "histogramsLeftOut", body.Trimmed.Histograms,
+				"metricsLeftOut", body.Trimmed.Metrics, "tagsFolded", body.Trimmed.Tags)
+		}
+	}
+	c.trimming = body.Trimmed != nil
+	return &pulse{seq: c.seq, body: data}
+}
+
+// maxPulseBytes is the size a pulse is kept within: the largest body a
+// control plane accepts.
+const maxPulseBytes = wire.MaxBody
+
+// encodePulse encodes body in at most limit bytes. A window of many tags
+// with long names, wide latency spreads and custom metrics can encode to
+// more than a control plane accepts, and a pulse refused for its size would
+// lose every count in it. So detail is shed until it fits, the least
+// missed first, each step only if the one before was not enough:
+//
+//  1. the tags' latency histograms (their quantiles stay);
+//  2. the tags' custom metrics;
+//  3. whole tags, those with the fewest calls first, folded into OtherTag:
+//     their calls are added to OtherTag's, their health left out (the
+//     site's health keeps every sample).
+//
+// Calls are never shed: the site's and each tag's usage and bounced add up
+// as before, a folded tag's under OtherTag. What was shed is counted in
+// body.Trimmed. With every tag folded, a pulse holds a bounded rest — IDs,
+// one site histogram, MaxMetricsPerTag site metrics, at most
+// reflex.MaxRules fired rule names — which fits in limit
+// (TestPulseWorstCaseFits), so the result always does.
+func encodePulse(body *pulseJSON, limit int) []byte {
+	data := marshalPulse(body)
+	if len(data) <= limit {
+		return data
+	}
+	tr := &wire.Trimmed{}
+	body.Trimmed = tr
+	for tag, tc := range body.Tags {
+		if tc.Health != nil && tc.Health.Histogram != nil {
+			h := *tc.Health
+			h.Histogram = nil
+			tc.Health = &h
+			body.Tags[tag] = tc
+			tr.Histograms++
+		}
+	}
+	if data = marshalPulse(body); len(data) <= limit {
+		return data
+	}
+	for tag, tc := range body.Tags {
+		if tc.Metrics != nil {
+			tc.Metrics = nil
+			body.Tags[tag] = tc
+			tr.Metrics++
+		}
+	}
+	if data = marshalPulse(body); len(data) <= limit {
+		return data
+	}
+	// Fold the tags with the fewest calls until the estimate fits, and
+	// check: the estimate is each folded tag's own encoding, and OtherTag's
+	// entry grows by a few digits at most, so one more round is rare.
+	type entry struct {
+		tag   string
+		calls uint64
+		size  int
+	}
+	var entries []entry
+	for tag, tc := range body.Tags {
+		if tag != OtherTag {
+			entries = append(entries, entry{tag, tc.Usage + tc.Bounced, len(marshalPulse(tag)) + len(marshalPulse(tc)) + 2})
+		}
+	}
+	slices.SortFunc(entries, func(a, b entry) int {
+		return cmp.Or(cmp.Compare(a.calls, b.calls), strings.Compare(a.tag, b.tag))
+	})
+	over := len(data) - limit
+	for len(data) > limit {
+		other := body.Tags[OtherTag]
+		for over > -64 && len(entries) > 0 { // 64: room for OtherTag's larger numbers
+			e := entries[0]
+			entries = entries[1:]
+			tc := body.Tags[e.tag]
+			other.Usage += tc.Usage
+			other.Bounced += tc.Bounced
+			delete(body.Tags, e.tag)
+			tr.Tags++
+			over -= e.size
+		}
+		body.Tags[OtherTag] = other
+		data = marshalPulse(body)
+		over = len(data) - limit
+		if len(entries) == 0 {
+			break // everything is folded: the rest is bounded and fits
+		}
+	}
+	return data
+}
+
+// marshalPulse encodes v as JSON without escaping <, > and & to six bytes
+// each: a pulse is not HTML, and its size is bounded.
+func marshalPulse(v any) []byte {
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(v); err != nil {
 		panic("waitstate: encoding a pulse: " + err.Error()) // finite numbers and strings: cannot fail
 	}
-	return &pulse{seq: c.seq, body: data}
+	return bytes.TrimSuffix(buf.Bytes(), []byte("\n"))
 }
 
 // flush is Shutdown's last word: the pending pulse, then the last window,

@@ -26,7 +26,8 @@ import (
 //	{"name": "protect-enterprise", "metricTag": "enterprise", "metric": "latency_p95_ms",
 //	 "operator": ">", "threshold": 300, "tagName": "free", "action": "block", "cooldownSeconds": 30}
 type Rule struct {
-	// Name names the rule; a site's rules have distinct names.
+	// Name names the rule, in at most MaxTagNameBytes bytes; a site's rules
+	// have distinct names.
 	Name string `json:"name"`
 	// MetricTag is whose traffic Metric is measured on: "" the whole site,
 	// else that tag's health or custom metrics.

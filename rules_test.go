@@ -178,6 +178,7 @@ func TestRuleJSONRoundTrip(t *testing.T) {
 
 	for name, bad := range map[string]Rule{
 		"no name":         {Metric: "error_rate", Operator: ">", Action: "block"},
+		"name too long":   {Name: strings.Repeat("n", MaxTagNameBytes+1), Metric: "error_rate", Operator: ">", Action: "block"},
 		"unknown metric":  {Name: "x", Metric: "cpu", Operator: ">", Action: "block"},
 		"unknown action":  {Name: "x", Metric: "error_rate", Operator: ">", Action: "drop"},
 		"percent over":    {Name: "x", Metric: "error_rate", Operator: ">", Action: "throttle", Percent: 101},
@@ -185,6 +186,7 @@ func TestRuleJSONRoundTrip(t *testing.T) {
 	} {
 		err := bad.Validate()
 		require.Error(t, err, name)
+		assert.Less(t, len(err.Error()), 200, "the error does not repeat a long name")
 		assert.True(t, strings.HasPrefix(err.Error(), "waitstate: "), err.Error())
 	}
 }

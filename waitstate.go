@@ -82,8 +82,9 @@ type Client struct {
 	saved          savedState          // what the store holds, as far as the client knows
 
 	// Owned by the pulse goroutine, then by Shutdown once it has joined it.
-	seq     uint64
-	pending *pulse
+	seq      uint64
+	pending  *pulse
+	trimming bool // the last pulse cut shed detail to fit
 
 	// Owned by New, then by the store goroutine, then by Shutdown.
 	storeBusy    chan struct{} // closed when the store's last call returns; nil before the first
@@ -92,6 +93,7 @@ type Client struct {
 	pulsesSent     atomic.Uint64
 	pulsesFailed   atomic.Uint64
 	pulsesDropped  atomic.Uint64
+	pulsesTrimmed  atomic.Uint64
 	policyErrors   atomic.Uint64
 	syncsFailed    atomic.Uint64
 	metricsDropped atomic.Uint64
@@ -256,6 +258,7 @@ type Stats struct {
 	PulsesSent     uint64        // pulses the control plane acknowledged
 	PulsesFailed   uint64        // pulse attempts that failed or had no known outcome; each is resent
 	PulsesDropped  uint64        // pulses the control plane refused with a 4xx; their counts stay in Usage and Bounced
+	PulsesTrimmed  uint64        // pulses that left out per-tag detail to fit the control plane's 1 MiB limit; their counts are whole
 	PolicyErrors   uint64        // verified responses whose body or policy was refused
 	SyncsFailed    uint64        // policy syncs that failed
 	MetricsDropped uint64        // custom-metric samples refused: bad name or value, or a name beyond the tag's limit
@@ -344,6 +347,7 @@ func (c *Client) Stats() Stats {
 		PulsesSent:      c.pulsesSent.Load(),
 		PulsesFailed:    c.pulsesFailed.Load(),
 		PulsesDropped:   c.pulsesDropped.Load(),
+		PulsesTrimmed:   c.pulsesTrimmed.Load(),
 		PolicyErrors:    c.policyErrors.Load(),
 		SyncsFailed:     c.syncsFailed.Load(),
 		MetricsDropped:  c.metricsDropped.Load(),

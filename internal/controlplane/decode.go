@@ -505,6 +505,33 @@ func (d *decoder) pulse(p *wire.PulseBody) {
 			d.health(&p.Health, true)
 		case "metrics":
 			d.metrics(&p.Metrics)
+		case "trimmed":
+			d.trimmed(&p.Trimmed)
+		default:
+			d.skip()
+		}
+	})
+}
+
+// trimmed reads what a pulse shed to fit, as encoding/json reads a pointer
+// to a struct.
+func (d *decoder) trimmed(tp **wire.Trimmed) {
+	if d.null() {
+		*tp = nil
+		return
+	}
+	if *tp == nil {
+		*tp = new(wire.Trimmed)
+	}
+	t := *tp
+	d.object(func(name []byte) {
+		switch string(name) {
+		case "histograms":
+			d.uint(&t.Histograms)
+		case "metrics":
+			d.uint(&t.Metrics)
+		case "tags":
+			d.uint(&t.Tags)
 		default:
 			d.skip()
 		}

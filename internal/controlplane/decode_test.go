@@ -31,6 +31,8 @@ func pulseSeeds() []string {
 		`{"seq":1,"localRules":["protect-enterprise","r\u00e9"],"restored":true}`, `{"localRules":[]}`, `{"localRules":null}`,
 		`{"localRules":["x","y"],"localRules":[null]}`, `{"localRules":[1]}`, `{"localRules":"x"}`, `{"localRules":["x",]}`,
 		`{"restored":"yes"}`,
+		`{"seq":1,"trimmed":{"histograms":3,"metrics":2,"tags":1,"x":0}}`, `{"trimmed":null}`, `{"trimmed":{"tags":-1}}`,
+		`{"trimmed":{"tags":1},"trimmed":{"metrics":2}}`, `{"trimmed":[]}`,
 	}
 }
 
@@ -106,7 +108,7 @@ func comparePulseDecoders(t *testing.T, data []byte) {
 func foldedName(data []byte) bool {
 	fields := []string{"instanceId", "siteId", "sdk", "seq", "windowEndMs", "windowMs", "mode", "policyVersion", "shadow", "localRules", "restored", "usageDelta",
 		"bouncedDelta", "usageTotal", "bouncedTotal", "tags", "health", "metrics", "usage", "bounced", "requests", "errors",
-		"latencyMs", "histogram", "p50", "p95", "p99", "max", "scheme", "counts", "count", "sum", "min"}
+		"latencyMs", "histogram", "p50", "p95", "p99", "max", "scheme", "counts", "count", "sum", "min", "trimmed", "histograms"}
 	type frame struct{ object, wantKey bool }
 	var stack []*frame
 	valueDone := func() {

@@ -167,6 +167,8 @@ func (r Rule) Validate() error {
 	switch {
 	case r.Name == "":
 		return errors.New("rule has no name")
+	case len(r.Name) > MaxNameBytes:
+		return fmt.Errorf("rule name of %d bytes: at most %d", len(r.Name), MaxNameBytes)
 	case !r.Metric.Known():
 		return fmt.Errorf("rule %q: unknown metric %q", r.Name, r.Metric)
 	case operators[r.Operator] == nil:
@@ -187,6 +189,10 @@ func (r Rule) Validate() error {
 
 // MaxRules bounds the rules of one site.
 const MaxRules = 256
+
+// MaxNameBytes bounds a rule's name, as wire.MaxTagNameBytes bounds a tag's:
+// the names of the rules an instance fired travel in its pulses.
+const MaxNameBytes = wire.MaxTagNameBytes
 
 // ValidateSet reports what is wrong with a site's rules, if anything: a
 // rule that does not validate, two rules of one name, more than MaxRules.

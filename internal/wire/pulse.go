@@ -22,6 +22,15 @@ type PulseBody struct {
 	Tags          map[string]TagCount `json:"tags"`
 	Health        *Health             `json:"health,omitempty"`  // every sample of the window; nil without samples
 	Metrics       map[string]Metric   `json:"metrics,omitempty"` // site-wide custom metrics
+	Trimmed       *Trimmed            `json:"trimmed,omitempty"` // detail shed to fit MaxBody; nil when none was
+}
+
+// Trimmed says what detail a pulse shed to fit within MaxBody. Its counts
+// are whole: a folded tag's calls are counted under "_other".
+type Trimmed struct {
+	Histograms uint64 `json:"histograms"` // tags whose latency histogram was left out (their quantiles stay)
+	Metrics    uint64 `json:"metrics"`    // tags whose custom metrics were left out
+	Tags       uint64 `json:"tags"`       // tags folded into "_other", their health and metrics left out
 }
 
 // TagCount is one tag's part of a pulse: its counts, and its health and
