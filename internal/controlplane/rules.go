@@ -4,6 +4,7 @@ import (
 	"time"
 
 	"github.com/waitstate/waitstate-go/internal/reflex"
+	"github.com/waitstate/waitstate-go/internal/wire"
 )
 
 // The rules are those of the one rule engine, package reflex, which the
@@ -55,38 +56,37 @@ type Metrics struct {
 	reflex.Figures
 }
 
-// fleetQuantile combines the latency quantiles of several pulses into one
-// fleet figure, for pulses without a histogram. Quantiles cannot be averaged: averaging p95s hides one slow
-// instance among fast ones, and taking the maximum lets one slow instance of
-// a hundred trip a rule. Instead each pulse's latency distribution is
-// rebuilt as a piecewise-linear CDF through its quantiles — (0, 0),
-// (p50, .50), (p95, .95), (p99, .99), (max, 1) — the fleet's distribution
-// is their mixture weighted by request count, and the fleet quantile is
-// found on it by bisection. It is exact at the points each pulse reports
-// when the fleet is one instance, and close otherwise.
-func fleetQuantile(hs []*Health, q float64) float64 {
-	var total, hi float64
-	for _, h := range hs {
-		total += float64(h.Requests)
-		hi = max(hi, h.LatencyMs.Max, h.LatencyMs.P99, h.LatencyMs.P95, h.LatencyMs.P50)
+// addQuantiles adds a health that came without a histogram of the wire
+// scheme to *dst, made on first use, as if it had one. Quantiles cannot be
+// averaged: averaging p95s hides one slow instance among fast ones, and
+// taking the maximum lets one slow instance of a hundred trip a rule.
+// Instead the health's latency distribution is rebuilt as the
+// piecewise-linear CDF through its quantiles — (0, 0), (p50, .50),
+// (p95, .95), (p99, .99), (max, 1) — and its requests are spread over the
+// buckets by it, adding up to exactly its requests. It then merges with
+// every other pulse's histogram, in fixed memory and at a fixed cost per
+// pulse; its quantiles read back within the scheme's error when it is
+// alone.
+func addQuantiles(dst **[wire.HistBuckets]uint64, h *Health) {
+	if *dst == nil {
+		*dst = new([wire.HistBuckets]uint64)
 	}
-	cdf := func(x float64) float64 {
-		var f float64
-		for _, h := range hs {
-			f += float64(h.Requests) * pieceCDF(h.LatencyMs, x)
+	n := h.Requests
+	var before uint64 // requests in the buckets below i
+	for i := range wire.HistBuckets {
+		upTo := n // requests below the bucket's upper edge
+		if i+1 < wire.HistBuckets {
+			f := float64(n) * pieceCDF(h.LatencyMs, float64(wire.HistLower(i+1))/1000)
+			if f < float64(n) {
+				upTo = uint64(f)
+			}
 		}
-		return f / total
-	}
-	lo := 0.0
-	for range 64 {
-		mid := (lo + hi) / 2
-		if cdf(mid) >= q {
-			hi = mid
-		} else {
-			lo = mid
+		upTo = max(upTo, before) // the CDF does not fall; rounding must not make it
+		(*dst)[i] += upTo - before
+		if before = upTo; before == n {
+			return
 		}
 	}
-	return hi
 }
 
 // pieceCDF is the piecewise-linear CDF through a pulse's quantiles.

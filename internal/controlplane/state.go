@@ -106,7 +106,6 @@ type agg struct {
 	requests uint64 // health samples
 	errors   uint64
 	hist     *[wire.HistBuckets]uint64 // the merged latency histograms
-	legacy   []*Health                 // health that came without a histogram of the wire scheme
 	custom   map[string]MetricAgg
 }
 
@@ -162,7 +161,7 @@ func (a *agg) add(calls uint64, h *Health, custom map[string]MetricAgg) {
 		a.requests += h.Requests
 		a.errors += min(h.Errors, h.Requests)
 		if !AddHistogram(&a.hist, h) {
-			a.legacy = append(a.legacy, h)
+			addQuantiles(&a.hist, h)
 		}
 	}
 	for name, m := range custom {
@@ -192,7 +191,7 @@ func (a *agg) addMetric(name string, m MetricAgg) {
 // AddHistogram adds a health's histogram to *dst, made on first use, and
 // reports whether it did. It adds nothing without one, for another scheme,
 // or for one with a bucket that does not parse: such a health counts
-// through its quantiles alone.
+// through its quantiles alone (addQuantiles).
 func AddHistogram(dst **[wire.HistBuckets]uint64, h *Health) bool {
 	if h == nil || h.Histogram == nil || h.Histogram.Scheme != wire.HistogramScheme {
 		return false
@@ -277,33 +276,19 @@ func (a *agg) merge(b *agg) {
 			a.hist[i] += c
 		}
 	}
-	a.legacy = append(a.legacy, b.legacy...)
 	for name, m := range b.custom {
 		a.addMetric(name, m)
 	}
 }
 
-// quantiles returns the scope's p50, p95 and p99 in ms. With histograms
-// only, they are read off the merge: the quantiles of the pooled requests to
-// within the wire scheme's error. Health without a histogram (from clients
-// that send none) is combined with the merge by fleetQuantile.
+// quantiles returns the scope's p50, p95 and p99 in ms, read off the
+// merged histograms: the quantiles of the pooled requests to within the
+// wire scheme's error.
 func (a *agg) quantiles() (p50, p95, p99 float64) {
-	if len(a.legacy) == 0 && a.hist != nil {
-		return wire.HistQuantile(a.hist, 0.50), wire.HistQuantile(a.hist, 0.95), wire.HistQuantile(a.hist, 0.99)
+	if a.hist == nil {
+		return math.NaN(), math.NaN(), math.NaN()
 	}
-	hs := a.legacy
-	if a.hist != nil {
-		var n uint64
-		last := 0
-		for i, c := range a.hist {
-			if c > 0 {
-				n, last = n+c, i
-			}
-		}
-		hs = append(hs[:len(hs):len(hs)], &Health{Requests: n, LatencyMs: Latency{
-			P50: wire.HistQuantile(a.hist, 0.50), P95: wire.HistQuantile(a.hist, 0.95), P99: wire.HistQuantile(a.hist, 0.99), Max: wire.HistMid(last) / 1000}})
-	}
-	return fleetQuantile(hs, 0.50), fleetQuantile(hs, 0.95), fleetQuantile(hs, 0.99)
+	return wire.HistQuantile(a.hist, 0.50), wire.HistQuantile(a.hist, 0.95), wire.HistQuantile(a.hist, 0.99)
 }
 
 // meanWindow is the mean windowMs of the pulses within the window: the
