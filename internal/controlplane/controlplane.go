@@ -599,8 +599,9 @@ func (s *Server) AnswerBuilds(key, site string) int {
 }
 
 // MaxInFlight returns, for each instance and loop ("<instance> pulse" or
-// "<instance> sync") of a known key, the most requests it ever had in
-// flight at once.
+// "<instance> sync"), the most authenticated requests it ever had in flight
+// at once. It holds at most 10,000 loops: beyond, a new loop takes the
+// place of one that never had two requests at once and has none in flight.
 func (s *Server) MaxInFlight() map[string]int {
 	s.mu.Lock()
 	defer s.mu.Unlock()

@@ -2,6 +2,7 @@ package controlplane
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -9,6 +10,7 @@ import (
 	"math"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/golang-jwt/jwt/v5"
@@ -21,15 +23,22 @@ import (
 const maxNonceHeader = 128
 
 // maxLoops bounds the loops whose requests in flight are counted
-// (MaxInFlight): a stranger holding a publish key, but not its secret,
-// can name as many instances as it likes.
+// (MaxInFlight). Only callers that hold a key's secret are counted, and one
+// can name as many instances as it likes: at the bound, a new loop takes
+// the place of one with nothing in flight that never had two.
 const maxLoops = 10_000
+
+// flight is a request's place in the in-flight count, once authenticated.
+type flight struct{ loop string }
+
+type flightKey struct{}
 
 // recorder refuses a request whose instance or site header is longer than
 // the SDK's InstanceID and SiteID can be (wire.MaxIDBytes), or whose nonce
 // is longer than maxNonceHeader, before anything of it is kept; it logs
-// every other request, its status and duration, and how many requests each loop of a known key's client has in flight (for
-// at most maxLoops loops). It reads no body: it logs what the handler read.
+// every other request, its status and duration, and ends the in-flight
+// count of a request that preamble authenticated (enter). It reads no
+// body: it logs what the handler read.
 func (s *Server) recorder(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if len(r.Header.Get(wire.HeaderInstance)) > wire.MaxIDBytes || len(r.Header.Get(wire.HeaderSite)) > wire.MaxIDBytes ||
@@ -38,21 +47,8 @@ func (s *Server) recorder(next http.Handler) http.Handler {
 			return
 		}
 		at := time.Now()
-		loop := r.Header.Get(wire.HeaderInstance) + " sync"
-		if r.URL.Path == wire.PathPulse {
-			loop = r.Header.Get(wire.HeaderInstance) + " pulse"
-		}
-		s.mu.Lock()
-		_, known := s.keys[r.Header.Get(wire.HeaderKey)]
-		if _, seen := s.maxFlight[loop]; known && !seen && len(s.maxFlight) >= maxLoops {
-			known = false // not counted: the bound is reached
-		}
-		if known {
-			s.inflight[loop]++
-			s.maxFlight[loop] = max(s.maxFlight[loop], s.inflight[loop])
-		}
-		s.mu.Unlock()
-
+		fl := &flight{}
+		r = r.WithContext(context.WithValue(r.Context(), flightKey{}, fl))
 		s.logMu.Lock()
 		logging := s.logLimit > 0
 		s.logMu.Unlock()
@@ -63,10 +59,10 @@ func (s *Server) recorder(next http.Handler) http.Handler {
 		sw := &statusRecorder{ResponseWriter: w, status: http.StatusOK}
 		next.ServeHTTP(sw, r)
 
-		if known {
+		if fl.loop != "" {
 			s.mu.Lock()
-			if s.inflight[loop]--; s.inflight[loop] <= 0 {
-				delete(s.inflight, loop)
+			if s.inflight[fl.loop]--; s.inflight[fl.loop] <= 0 {
+				delete(s.inflight, fl.loop)
 			}
 			s.mu.Unlock()
 		}
@@ -122,9 +118,12 @@ func (s *Server) hang(r *http.Request) {
 // before any processing. The key is checked first; the body of a signed
 // request is read only then, at most wire.MaxBody of it, and before any
 // delay or hang (a server notices a client that gave up only once it has
-// read the body); then its signature and, for a token request, its nonce.
-// It returns the key's secret, the faults in force and the body, or false
-// when it has answered.
+// read the body). The signature, or the bearer token of an unsigned
+// request, is checked next, and only an authenticated request is counted
+// in flight; the faults then answer every caller alike, as an outage
+// would, and only after them is a token request's nonce recorded and an
+// unauthenticated request refused. It returns the key's secret, the faults
+// in force and the body, or false when it has answered.
 func (s *Server) preamble(w http.ResponseWriter, r *http.Request, signed bool) (string, Faults, []byte, bool) {
 	s.mu.Lock()
 	f := s.faults
@@ -154,6 +153,17 @@ func (s *Server) preamble(w http.ResponseWriter, r *http.Request, signed bool) (
 			return "", f, nil, false
 		}
 	}
+	var ts int64
+	var authed bool
+	if signed {
+		ts, authed = verifyRequest(secret, r, body)
+	} else {
+		bearer, _ := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+		authed = s.validToken(secret, key, r.Header.Get(wire.HeaderSite), bearer)
+	}
+	if authed {
+		s.enter(r)
+	}
 	if f.Delay > 0 {
 		select {
 		case <-time.After(f.Delay):
@@ -171,20 +181,47 @@ func (s *Server) preamble(w http.ResponseWriter, r *http.Request, signed bool) (
 		s.fail(w, http.StatusServiceUnavailable, f.RetryAfter)
 		return "", f, nil, false
 	}
-	if !signed {
-		return secret, f, nil, true
-	}
-	ts, ok := verifyRequest(secret, r, body)
-	if ok && r.URL.Path == wire.PathToken {
+	if authed && r.URL.Path == wire.PathToken {
 		// A replayed token request would mint a token; a replayed pulse
 		// is acknowledged and not counted again, by its seq.
-		ok = s.nonces.fresh(key, r.Header.Get(wire.HeaderNonce), ts, time.Now().Unix())
+		authed = s.nonces.fresh(key, r.Header.Get(wire.HeaderNonce), ts, time.Now().Unix())
 	}
-	if !ok {
+	if !authed {
 		s.fail(w, http.StatusUnauthorized, 0)
 		return "", f, nil, false
 	}
 	return secret, f, body, true
+}
+
+// enter counts an authenticated request in flight in its loop ("<instance>
+// pulse" or "<instance> sync") until the recorder sees it answered.
+func (s *Server) enter(r *http.Request) {
+	fl, _ := r.Context().Value(flightKey{}).(*flight)
+	if fl == nil {
+		return // served without the recorder
+	}
+	loop := r.Header.Get(wire.HeaderInstance) + " sync"
+	if r.URL.Path == wire.PathPulse {
+		loop = r.Header.Get(wire.HeaderInstance) + " pulse"
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, seen := s.maxFlight[loop]; !seen && len(s.maxFlight) >= maxLoops {
+		evicted := false
+		for l, most := range s.maxFlight {
+			if most <= 1 && s.inflight[l] == 0 {
+				delete(s.maxFlight, l)
+				evicted = true
+				break
+			}
+		}
+		if !evicted {
+			return // every loop counted is in flight or had two at once
+		}
+	}
+	fl.loop = loop
+	s.inflight[loop]++
+	s.maxFlight[loop] = max(s.maxFlight[loop], s.inflight[loop])
 }
 
 // verifyRequest checks a signed request's timestamp and signature, and
@@ -391,12 +428,7 @@ func (s *Server) handlePolicy(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, f.PolicyStatus, f.RetryAfter)
 		return
 	}
-	bearer, _ := bytes.CutPrefix([]byte(r.Header.Get("Authorization")), []byte("Bearer "))
 	key, site := r.Header.Get(wire.HeaderKey), r.Header.Get(wire.HeaderSite)
-	if !s.validToken(secret, key, site, string(bearer)) {
-		s.fail(w, http.StatusUnauthorized, 0)
-		return
-	}
 	cfg := s.resolve(site)
 	st := s.tenant(key).site(site)
 	st.mu.Lock()

@@ -187,10 +187,11 @@ func TestBodiesReadOnlyForKnownKeys(t *testing.T) {
 	assert.Equal(t, http.StatusRequestEntityTooLarge, resp.StatusCode, "undeclared length")
 }
 
-// TestInFlightBookkeepingBounded: requests naming a known key, unsigned,
-// with a new instance each, are counted for at most maxLoops loops, and a
-// header longer than an InstanceID or SiteID can be is refused before
-// anything of the request is kept.
+// TestInFlightBookkeepingBounded: a header longer than an InstanceID or
+// SiteID can be is refused before anything of the request is kept;
+// requests naming a known key without its secret are not counted in
+// flight; and authenticated ones are counted for at most maxLoops loops,
+// keeping those that had two requests at once.
 func TestInFlightBookkeepingBounded(t *testing.T) {
 	s := New()
 	defer s.Close()
@@ -229,19 +230,52 @@ func TestInFlightBookkeepingBounded(t *testing.T) {
 	}
 	assert.EqualValues(t, 1, s.Totals("").Usage, "only the pulse whose tag fits is counted")
 
+	// Requests that name the key without its secret are not counted in
+	// flight, whatever instance they name: unsigned, forged, or with a
+	// token that is not the key's.
+	h := s.Handler()
 	pad := strings.Repeat("x", wire.MaxIDBytes-16)
-	for i := range maxLoops + 50 {
-		req, err := http.NewRequest(http.MethodPost, s.URL+wire.PathPulse, nil)
-		require.NoError(t, err)
+	for i := range 1000 {
+		req := httptest.NewRequest(http.MethodPost, wire.PathPulse, nil)
+		if i%3 == 1 {
+			req = signed(http.MethodPost, wire.PathPulse, "not-sk", wire.Identity{PublishKey: "pk", InstanceID: "x"}, nil)
+		}
+		if i%3 == 2 {
+			req = httptest.NewRequest(http.MethodGet, wire.PathPolicy, nil)
+			req.Header.Set("Authorization", "Bearer "+issue("not-sk", "pk", "", time.Minute, 0, TokenOK))
+		}
 		req.Header.Set(wire.HeaderKey, "pk")
 		req.Header.Set(wire.HeaderInstance, fmt.Sprintf("%s%016d", pad, i))
-		resp, err := http.DefaultClient.Do(req)
-		require.NoError(t, err)
-		_, _ = io.Copy(io.Discard, resp.Body)
-		resp.Body.Close()
-		require.Equal(t, http.StatusUnauthorized, resp.StatusCode)
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, req)
+		require.Equal(t, http.StatusUnauthorized, rec.Code)
 	}
-	assert.Len(t, s.MaxInFlight(), maxLoops, "at most maxLoops loops counted")
+	assert.Equal(t, map[string]int{"i1 pulse": 1}, s.MaxInFlight(), "only the signed pulses above are tracked")
+
+	// A loop that had two requests in flight at once is kept however many
+	// loops follow; the others make room for new ones at the bound.
+	s.SetFaults(Faults{Delay: 200 * time.Millisecond})
+	var wg sync.WaitGroup
+	for range 2 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			serve(s, signed(http.MethodPost, wire.PathPulse, "sk", wire.Identity{PublishKey: "pk", InstanceID: "twice"}, nil))
+		}()
+	}
+	require.Eventually(t, func() bool { return s.MaxInFlight()["twice pulse"] == 2 }, 30*time.Second, 5*time.Millisecond)
+	wg.Wait()
+	s.SetFaults(Faults{})
+	for i := range maxLoops + 50 {
+		id := wire.Identity{PublishKey: "pk", InstanceID: fmt.Sprintf("%s%016d", pad, i)}
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, signed(http.MethodPost, wire.PathPulse, "sk", id, nil))
+		require.Equal(t, http.StatusBadRequest, rec.Code, "signed, without a body")
+	}
+	most := s.MaxInFlight()
+	assert.Len(t, most, maxLoops, "at most maxLoops loops counted")
+	assert.Equal(t, 2, most["twice pulse"], "the loop that had two in flight is kept")
+	assert.Equal(t, 1, most[fmt.Sprintf("%s%016d pulse", pad, maxLoops+49)], "the newest loop is counted")
 }
 
 // TestServerTimeouts: a client that sends its body slowly, and a

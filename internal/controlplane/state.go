@@ -31,7 +31,8 @@ import (
 //  6. Token nonces are remembered for the skew window only, in per-minute
 //     buckets that are dropped whole (nonce.go).
 //  7. Request bodies are read only once the key is known, and at most
-//     wire.MaxBody of them.
+//     wire.MaxBody of them; a request is counted in flight (MaxInFlight)
+//     only once authenticated, for at most maxLoops loops.
 
 // tenant is what the control plane holds for one publish key.
 type tenant struct {
