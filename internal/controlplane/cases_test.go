@@ -36,7 +36,7 @@ func TestRuleCases(t *testing.T) {
 				req := signed(http.MethodPost, wire.PathPulse, "sk", wire.Identity{PublishKey: "pk", InstanceID: "i"}, body)
 				require.Equal(t, http.StatusOK, serve(s, req))
 
-				st := s.tenant("pk").site("")
+				st := s.site("pk", "")
 				st.mu.Lock()
 				var fired []string
 				for name, rs := range st.firing {

@@ -536,7 +536,7 @@ func (s *Server) Totals(site string) Totals { return s.TotalsOf(s.primaryKey(), 
 
 // TotalsOf adds up the pulses counted from site under key.
 func (s *Server) TotalsOf(key, site string) Totals {
-	st := s.tenant(key).site(site)
+	st := s.tenant(key).peek(site)
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	t := st.totals
@@ -565,7 +565,7 @@ func (s *Server) Metrics(site string) Metrics { return s.MetricsOf(s.primaryKey(
 // measures.
 func (s *Server) MetricsOf(key, site, tag string) Metrics {
 	cfg := s.resolve(site)
-	st := s.tenant(key).site(site)
+	st := s.tenant(key).peek(site)
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	st.fit(cfg)
@@ -582,7 +582,7 @@ func (s *Server) PolicyOf(key, site string) (Policy, bool) {
 	if cfg.raw != nil || cfg.base == nil {
 		return Policy{}, false
 	}
-	st := s.tenant(key).site(site)
+	st := s.tenant(key).peek(site)
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	return st.effective(cfg), true
@@ -592,7 +592,7 @@ func (s *Server) PolicyOf(key, site string) (Policy, bool) {
 // site under key were built: once per change of the policy, the rules or
 // what they fired, however many answers carried them.
 func (s *Server) AnswerBuilds(key, site string) int {
-	st := s.tenant(key).site(site)
+	st := s.tenant(key).peek(site)
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	return st.builds

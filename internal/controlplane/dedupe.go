@@ -23,7 +23,8 @@ import (
 //     beyond that evicts the one that pulsed least recently.
 //  3. An incarnation silent for longer than idleAfter (10 × the longest
 //     lease it can hold) is forgotten, and an instance with none left with
-//     it, by a sweep that runs at most once per sweepEvery of pulses.
+//     it, by a sweep that runs at most once per sweepEvery of the site's
+//     pulses, and of its key's requests (forgetIdle).
 //
 //  4. An instance's latest is the incarnation that pulsed last (nil once
 //     forgotten): most pulses come from it, and are found without a map

@@ -174,7 +174,7 @@ func TestIncarnationChurnBounded(t *testing.T) {
 
 	got := s.Totals("")
 	assert.Equal(t, uint64(churn)*2*1+2*liveSeq*1000, got.Usage, "every process counted once, the live ones exactly")
-	st := s.tenant("pk").site("")
+	st := s.site("pk", "")
 	st.mu.Lock()
 	kept := len(st.instances["pod"].incarnations)
 	st.mu.Unlock()

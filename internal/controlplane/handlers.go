@@ -249,12 +249,23 @@ func identity(r *http.Request) wire.Identity {
 }
 
 func (s *Server) fail(w http.ResponseWriter, status int, retryAfter time.Duration) {
+	s.failWith(w, status, retryAfter, http.StatusText(status))
+}
+
+// failWith answers with status and the reason given.
+func (s *Server) failWith(w http.ResponseWriter, status int, retryAfter time.Duration, reason string) {
 	if retryAfter > 0 && (status == http.StatusServiceUnavailable || status == http.StatusTooManyRequests) {
 		w.Header().Set("Retry-After", strconv.Itoa(int(math.Ceil(retryAfter.Seconds()))))
 	}
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(status)
-	fmt.Fprintf(w, `{"error":%q}`, http.StatusText(status))
+	fmt.Fprintf(w, `{"error":%q}`, reason)
+}
+
+// tooManySites refuses a request for a site beyond the key's maxSites.
+func (s *Server) tooManySites(w http.ResponseWriter) {
+	s.failWith(w, http.StatusTooManyRequests, sweepEvery,
+		fmt.Sprintf("this key has %d sites, the most the control plane keeps; another is refused until one has been idle long enough to be forgotten", maxSites))
 }
 
 // answer sends a signed 2xx answer, bent by the response faults.
@@ -430,8 +441,11 @@ func (s *Server) handlePolicy(w http.ResponseWriter, r *http.Request) {
 	}
 	key, site := r.Header.Get(wire.HeaderKey), r.Header.Get(wire.HeaderSite)
 	cfg := s.resolve(site)
-	st := s.tenant(key).site(site)
-	st.mu.Lock()
+	st, ok := s.lockSite(key, site, time.Now())
+	if !ok {
+		s.tooManySites(w)
+		return
+	}
 	raw, _, block, ok := st.policy(cfg)
 	pulseEvery := st.pulseInterval(cfg)
 	st.mu.Unlock()
@@ -474,10 +488,12 @@ func (s *Server) handlePulse(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, http.StatusBadRequest, 0)
 		return
 	}
-	st := s.tenant(key).site(p.Site)
 	now := time.Now()
-
-	st.mu.Lock()
+	st, ok := s.lockSite(key, p.Site, now)
+	if !ok {
+		s.tooManySites(w)
+		return
+	}
 	counted, shared := st.count(&p, cfg, now)
 	var events []Event
 	if counted {

@@ -19,6 +19,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/waitstate/waitstate-go/internal/reflex"
 	"github.com/waitstate/waitstate-go/internal/wire"
 )
 
@@ -45,6 +46,18 @@ func signed(method, url, secret string, id wire.Identity, body []byte) *http.Req
 func pulseJSON(instance, site string, seq, usage uint64, windowEnd int64) []byte {
 	return fmt.Appendf(nil, `{"instanceId":%q,"siteId":%q,"seq":%d,"windowEndMs":%d,"windowMs":1000,"usageDelta":%d,"tags":{"free":{"usage":%d,"bounced":0}}}`,
 		instance, site, seq, windowEnd, usage, usage)
+}
+
+// site returns the state of one site of the key, creating it whatever
+// maxSites, for a test that holds a site's state across requests.
+func (s *Server) site(key, name string) *siteState {
+	t := s.tenant(key)
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if st := t.sites[name]; st != nil {
+		return st
+	}
+	return t.newSite(name, time.Now())
 }
 
 // serve sends req to s's handler and returns the status.
@@ -409,7 +422,7 @@ func TestPulsesDoNotWaitForAnotherSite(t *testing.T) {
 	defer s.Close()
 	s.AddKey("pk", "sk")
 	s.SetPolicy("", Policy{Version: 1, GlobalMaxWeight: 10})
-	busy := s.tenant("pk").site("busy")
+	busy := s.site("pk", "busy")
 	busy.mu.Lock()
 	defer busy.mu.Unlock()
 	done := make(chan int, 1)
@@ -434,7 +447,7 @@ func TestPolicyJSONBuiltOncePerPolicy(t *testing.T) {
 	s.AddKey("pk", "sk")
 	s.SetPolicy("", Policy{Version: 1, GlobalMaxWeight: 10})
 	id := wire.Identity{PublishKey: "pk", InstanceID: "i1"}
-	st := s.tenant("pk").site("")
+	st := s.site("pk", "")
 	var first []byte
 	for seq := range uint64(20) {
 		serve(s, signed("POST", wire.PathPulse, "sk", id, pulseJSON("i1", "", seq+1, 1, int64(seq))))
@@ -563,4 +576,99 @@ func TestConcurrentSites(t *testing.T) {
 		}
 	}
 	assert.Equal(t, uint64(8*50*2), usage)
+}
+
+// TestIdleSitesForgotten: a site that no request asked for within 10 × the
+// lease, whose processes are all forgotten and whose rules fired nothing,
+// is forgotten by a sweep that any site of the key triggers; a site with
+// a fired rule is kept; and a site made again serves its policy at the
+// version the forgotten one reached, not an older one. Before, sites were
+// kept for good, and their processes were swept only by their own pulses.
+func TestIdleSitesForgotten(t *testing.T) {
+	s := NewUnstarted()
+	defer s.Close()
+	s.AddKey("pk", "sk")
+	s.SetLeaseTTL(10 * time.Second)
+	s.SetPolicy("", Policy{Version: 1, GlobalMaxWeight: 10})
+	require.NoError(t, s.SetRules("firing", Rule{Name: "r", Metric: MetricRPS, Operator: ">", Threshold: 1e9, TagName: "free", Action: ActionBlock}))
+	for _, site := range []string{"a", "b", "firing"} {
+		id := wire.Identity{PublishKey: "pk", InstanceID: "i1", SiteID: site}
+		require.Equal(t, http.StatusOK, serve(s, signed("POST", wire.PathPulse, "sk", id, pulseJSON("i1", site, 1, 5, 1))), site)
+	}
+	a := s.site("pk", "a")
+	a.mu.Lock()
+	a.bumps = 3 // as if its rules had fired and cleared, and more
+	a.mu.Unlock()
+	p, ok := s.PolicyOf("pk", "a")
+	require.True(t, ok)
+	require.Equal(t, int64(4), p.Version)
+	f := s.site("pk", "firing")
+	f.mu.Lock()
+	f.firing["r"] = &reflex.State{Fired: true}
+	f.mu.Unlock()
+	assert.Equal(t, []string{"a", "b", "firing"}, s.Sites())
+
+	// Within 10 × the lease nothing is forgotten, whoever asks.
+	cfg := s.resolve("a")
+	idle := idleAfter(cfg, &incarnation{window: time.Second})
+	require.Equal(t, 100*time.Second, idle)
+	st, ok := s.lockSite("pk", "c", time.Now().Add(idle-time.Second))
+	require.True(t, ok)
+	st.mu.Unlock()
+	assert.Equal(t, []string{"a", "b", "c", "firing"}, s.Sites())
+
+	// Past it, a request for another site forgets them, but for the one
+	// whose rule fired and the one just asked for.
+	later := time.Now().Add(idle + sweepEvery + time.Second)
+	st, ok = s.lockSite("pk", "c", later)
+	require.True(t, ok)
+	st.mu.Unlock()
+	assert.Equal(t, []string{"c", "firing"}, s.Sites())
+	fired := s.TotalsOf("pk", "firing")
+	assert.Equal(t, uint64(5), fired.Usage, "a site with a fired rule is kept, its totals with it")
+	assert.Zero(t, fired.Instances, "its idle processes are forgotten: the sweep reached a site with no pulses of its own")
+	assert.Zero(t, s.TotalsOf("pk", "a").Pulses, "a forgotten site's totals are gone")
+
+	// Made again, a serves the version it reached, and counts afresh.
+	id := wire.Identity{PublishKey: "pk", InstanceID: "i1", SiteID: "a"}
+	require.Equal(t, http.StatusOK, serve(s, signed("POST", wire.PathPulse, "sk", id, pulseJSON("i1", "a", 1, 5, 1))))
+	p, _ = s.PolicyOf("pk", "a")
+	assert.Equal(t, int64(4), p.Version, "never an older version than a client may hold")
+	assert.Equal(t, uint64(5), s.TotalsOf("pk", "a").Usage)
+}
+
+// TestSitesPerKeyBounded: requests make at most maxSites sites per key;
+// one for another site is refused with 429, a reason and a Retry-After,
+// and nothing of it is kept, until idle sites are forgotten. Before, every
+// site ID a key's client named was kept for good.
+func TestSitesPerKeyBounded(t *testing.T) {
+	s := NewUnstarted()
+	defer s.Close()
+	s.AddKey("pk", "sk")
+	h := s.Handler()
+	send := func(site string) *httptest.ResponseRecorder {
+		id := wire.Identity{PublishKey: "pk", InstanceID: "i1", SiteID: site}
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, signed("POST", wire.PathPulse, "sk", id, pulseJSON("i1", site, 1, 1, 1)))
+		return rec
+	}
+	for i := range maxSites {
+		require.Equal(t, http.StatusOK, send(fmt.Sprintf("site-%d", i)).Code)
+	}
+	rec := send("one-too-many")
+	assert.Equal(t, http.StatusTooManyRequests, rec.Code)
+	assert.Equal(t, "60", rec.Header().Get("Retry-After"))
+	assert.Contains(t, rec.Body.String(), "this key has 1024 sites")
+	assert.Len(t, s.Sites(), maxSites)
+	assert.NotContains(t, s.Sites(), "one-too-many")
+	assert.Zero(t, s.TotalsOf("pk", "one-too-many").Pulses)
+	assert.NotContains(t, s.Sites(), "one-too-many", "reading a site makes none")
+
+	later := time.Now().Add(idleAfter(s.resolve(""), &incarnation{window: time.Second}) + sweepEvery)
+	st, ok := s.lockSite("pk", "one-too-many", later)
+	require.True(t, ok, "admitted once idle sites are forgotten")
+	st.mu.Unlock()
+	assert.Equal(t, []string{"one-too-many"}, s.Sites())
+	assert.Equal(t, http.StatusOK, send("one-too-many").Code)
+	assert.EqualValues(t, 1, s.TotalsOf("pk", "one-too-many").Usage)
 }

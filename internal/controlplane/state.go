@@ -19,7 +19,10 @@ import (
 //     whatever site or instance IDs it claims.
 //  2. Each process of a site (instance and incarnation) keeps a fixed-size
 //     dedupe record, an instance at most maxIncarnations of them, and an
-//     idle one is forgotten (dedupe.go).
+//     idle one is forgotten (dedupe.go). A site left with no process and
+//     no fired rule is forgotten too, Totals and all, by a sweep of its
+//     key's sites at most once per sweepEvery of the key's requests
+//     (forgetIdle); requests make at most maxSites sites per key.
 //  3. A site's Totals track at most MaxSiteTags tags; later ones add to
 //     "_other".
 //  4. The rules read fixed aggregates: a ring of windowSlots slots over the
@@ -37,19 +40,85 @@ import (
 // tenant is what the control plane holds for one publish key.
 type tenant struct {
 	mu    sync.Mutex
-	sites map[string]*siteState
+	sites map[string]*siteState // at most maxSites made by requests
+	swept time.Time             // when idle sites were last looked for
+	floor int64                 // the bumps a new site starts with: the most a forgotten one reached
 }
 
-// site returns the state of one site of the key, creating it.
-func (t *tenant) site(name string) *siteState {
+// maxSites bounds the sites of one key that requests make; a request for
+// another site is refused until an idle one is forgotten.
+const maxSites = 1024
+
+// newSite makes the state of a site of t. Call with t.mu held.
+func (t *tenant) newSite(name string, now time.Time) *siteState {
+	st := &siteState{firing: map[string]*reflex.State{}, instances: map[string]*instance{}, bumps: t.floor, asked: now}
+	t.sites[name] = st
+	return st
+}
+
+// peek returns the state of one site of the key, or an empty one, not
+// kept, when the key has none: for the Server's readers, which make no
+// site.
+func (t *tenant) peek(name string) *siteState {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	st := t.sites[name]
-	if st == nil {
-		st = &siteState{firing: map[string]*reflex.State{}, instances: map[string]*instance{}}
-		t.sites[name] = st
+	if st := t.sites[name]; st != nil {
+		return st
 	}
-	return st
+	return &siteState{firing: map[string]*reflex.State{}, instances: map[string]*instance{}, bumps: t.floor}
+}
+
+// lockSite returns the state of a site of key for a request, locked,
+// making it unless the key holds maxSites sites already (false). At most
+// once per sweepEvery it first forgets the key's idle sites.
+func (s *Server) lockSite(key, name string, now time.Time) (*siteState, bool) {
+	t := s.tenant(key)
+	for {
+		t.mu.Lock()
+		if now.Sub(t.swept) >= sweepEvery {
+			t.swept = now
+			s.forgetIdle(t, now)
+		}
+		st := t.sites[name]
+		if st == nil && len(t.sites) < maxSites {
+			st = t.newSite(name, now)
+		}
+		t.mu.Unlock()
+		if st == nil {
+			return nil, false
+		}
+		st.mu.Lock()
+		if !st.gone {
+			if now.After(st.asked) {
+				st.asked = now
+			}
+			return st, true
+		}
+		st.mu.Unlock() // forgotten since it was looked up: look again
+	}
+}
+
+// forgetIdle forgets each site of t that no request asked for within
+// idleAfter, has no process left once its idle ones are (sweep), and no
+// fired rule: its Totals, rule state and window go with it. Such a site
+// serves the base policy, and one made again for the name starts with the
+// bumps the forgotten one reached, so that it serves the same policy at
+// the same version, never an older version. A site whose lock is held is
+// busy, not idle, and is not waited for. Call with t.mu held.
+func (s *Server) forgetIdle(t *tenant, now time.Time) {
+	for name, st := range t.sites {
+		cfg := s.resolve(name)
+		if !st.mu.TryLock() {
+			continue
+		}
+		st.sweep(cfg, now)
+		if len(st.instances) == 0 && !st.anyFiring(cfg) && now.Sub(st.asked) > idleAfter(cfg, &incarnation{}) {
+			st.gone = true
+			t.floor = max(t.floor, st.bumps)
+			delete(t.sites, name)
+		}
+		st.mu.Unlock()
+	}
 }
 
 // siteState is what one key holds for one site. Its mutex guards every
@@ -66,6 +135,8 @@ type siteState struct {
 	order     uint64                   // pulses deduped, resends included
 	builds    int                      // times the cached answer parts were built
 	normal    time.Duration            // the clients' own pulse interval when an incident began
+	asked     time.Time                // when a request last asked for it, or it was made
+	gone      bool                     // forgotten by its tenant (forgetIdle): a request looks it up again
 
 	// The policy JSON served and the reflex block, built once per change
 	// of the policy or the rules (gen) or of what the rules fired (bumps).
