@@ -206,7 +206,9 @@ func (s *Server) SetRules(site string, rules ...Rule) error {
 // Unset, it is a quarter of the normal interval (that of SetIntervals, else
 // the one the site's clients were pulsing at when the incident began), but
 // at least 250 ms and never more than the normal one. Once every rule has
-// cleared, clients are told the normal interval again.
+// cleared, clients are told the normal interval again; one learned from
+// the clients is no longer sent a lease later, so that clients that join
+// later keep their own.
 func (s *Server) SetIncidentPulseInterval(site string, d time.Duration) {
 	s.st().cp.SetIncidentPulseInterval(site, d)
 }

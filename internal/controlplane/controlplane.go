@@ -136,6 +136,10 @@ type Server struct {
 
 	nonces nonceMemory
 
+	// now reads the clock by which pulses are counted into the rule
+	// windows and sites and processes go idle: time.Now, or a test's.
+	now func() time.Time
+
 	logger   atomic.Pointer[slog.Logger] // what the operator should know; nil discards
 	observer atomic.Pointer[Observer]    // told of the primary key's counted pulses; nil: none
 
@@ -221,6 +225,7 @@ func NewWithTimeouts(t Timeouts) *Server {
 // Close still releases hung requests.
 func NewUnstarted() *Server {
 	return &Server{
+		now:        time.Now,
 		quit:       make(chan struct{}),
 		keys:       map[string]string{},
 		tenants:    map[string]*tenant{},
@@ -411,7 +416,8 @@ func (s *Server) SetObserver(o Observer) {
 // 250 ms)), normal being the interval of SetIntervals or, without one, the
 // interval the site's clients were pulsing at when the incident began; it
 // never slows a fleet down. After every rule has cleared, answers carry the
-// normal interval again.
+// normal interval again; one learned from the clients is left out again a
+// lease later, so that clients that join later keep their own.
 func (s *Server) SetIncidentPulseInterval(site string, d time.Duration) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -569,7 +575,7 @@ func (s *Server) MetricsOf(key, site, tag string) Metrics {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	st.fit(cfg)
-	return st.window.metrics(time.Now(), cfg.window, tag)
+	return st.window.metrics(s.now(), cfg.window, tag)
 }
 
 // Policy returns the policy served to site now under the first key added,
@@ -668,8 +674,13 @@ func (st *siteState) evaluate(cfg *resolved, now time.Time) []Event {
 	for i := range events {
 		events[i].Version = st.version(cfg)
 	}
-	if !wasFiring && st.normal == 0 && st.anyFiring(cfg) {
-		st.normal = st.window.meanWindow(now).Round(10 * time.Millisecond)
+	switch firing := st.anyFiring(cfg); {
+	case !wasFiring && firing:
+		if normal := st.window.meanWindow(now).Round(10 * time.Millisecond); normal > 0 {
+			st.normal = normal // learned afresh for each incident
+		}
+	case wasFiring && !firing:
+		st.cleared = now
 	}
 	return events
 }
@@ -684,13 +695,20 @@ func (st *siteState) anyFiring(cfg *resolved) bool {
 	return false
 }
 
-// pulseInterval is the pulseIntervalMs of the site's answers: the incident
-// interval while a rule is fired, else the normal one (0: none). Call with
-// st.mu held.
-func (st *siteState) pulseInterval(cfg *resolved) time.Duration {
+// pulseInterval is the pulseIntervalMs of the site's answers at now: the
+// incident interval while a rule is fired, else the normal one (0: none).
+// Without a normal interval of SetIntervals, the normal one is the clients'
+// own, learned when the incident began, and sent until one lease after
+// the incident cleared: every live client has had an answer by then, and
+// is back at it; later answers leave the interval out, so that clients
+// that join later keep their own. Call with st.mu held.
+func (st *siteState) pulseInterval(cfg *resolved, now time.Time) time.Duration {
 	normal := cfg.pulseEvery
+	if normal == 0 && !st.anyFiring(cfg) && st.normal > 0 && now.Sub(st.cleared) > clientLease(cfg) {
+		st.normal = 0 // told to every client that was there
+	}
 	if normal == 0 {
-		normal = st.normal // the clients' own, seen when an incident began
+		normal = st.normal
 	}
 	if !st.anyFiring(cfg) {
 		return normal
@@ -702,6 +720,15 @@ func (st *siteState) pulseInterval(cfg *resolved) time.Duration {
 		return 0
 	}
 	return min(normal, max(normal/4, minIncidentInterval))
+}
+
+// clientLease is the lease the site's clients hold: the one the control
+// plane sends, or the client's default without one.
+func clientLease(cfg *resolved) time.Duration {
+	if cfg.leaseTTL > 0 {
+		return cfg.leaseTTL
+	}
+	return defaultClientLease
 }
 
 // minIncidentInterval is the shortest incident interval the default picks.

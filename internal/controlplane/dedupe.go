@@ -87,6 +87,7 @@ func (d *seen) fresh(seq uint64) bool {
 type incarnation struct {
 	seen   seen
 	last   time.Time     // when it last pulsed (a resend included)
+	gap    time.Duration // the time between its last two pulses' arrivals; 0 after its first
 	order  uint64        // the site's pulse count then: orders pulses that share a clock reading
 	window time.Duration // the longest window it reported
 }
@@ -139,6 +140,9 @@ func (st *siteState) dedupe(p *Pulse, cfg *resolved, now time.Time) (inc *incarn
 		in.latest, in.latestName = inc, p.Incarnation
 	}
 	st.order++
+	if inc.gap = 0; !inc.last.IsZero() {
+		inc.gap = now.Sub(inc.last)
+	}
 	inc.last, inc.order = now, st.order
 	inc.window = max(inc.window, time.Duration(max(p.WindowMs, 0))*time.Millisecond)
 	return inc, inc.seen.fresh(p.Seq), shared

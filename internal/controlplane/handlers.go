@@ -441,13 +441,13 @@ func (s *Server) handlePolicy(w http.ResponseWriter, r *http.Request) {
 	}
 	key, site := r.Header.Get(wire.HeaderKey), r.Header.Get(wire.HeaderSite)
 	cfg := s.resolve(site)
-	st, ok := s.lockSite(key, site, time.Now())
+	st, ok := s.lockSite(key, site, s.now())
 	if !ok {
 		s.tooManySites(w)
 		return
 	}
 	raw, _, block, ok := st.policy(cfg)
-	pulseEvery := st.pulseInterval(cfg)
+	pulseEvery := st.pulseInterval(cfg, s.now())
 	st.mu.Unlock()
 	if !ok {
 		s.fail(w, http.StatusNotFound, 0)
@@ -488,7 +488,7 @@ func (s *Server) handlePulse(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, http.StatusBadRequest, 0)
 		return
 	}
-	now := time.Now()
+	now := s.now()
 	st, ok := s.lockSite(key, p.Site, now)
 	if !ok {
 		s.tooManySites(w)
@@ -500,7 +500,7 @@ func (s *Server) handlePulse(w http.ResponseWriter, r *http.Request) {
 		events = st.evaluate(cfg, now)
 	}
 	raw, version, block, hasPolicy := st.policy(cfg)
-	pulseEvery := st.pulseInterval(cfg)
+	pulseEvery := st.pulseInterval(cfg, now)
 	st.mu.Unlock()
 
 	if shared {

@@ -378,14 +378,17 @@ func TestLogsAndEventsBounded(t *testing.T) {
 	s.SetPolicy("", Policy{Version: 1, GlobalMaxWeight: 10})
 	require.NoError(t, s.SetRules("", Rule{Name: "flip", Metric: MetricRPS, Operator: ">", Threshold: 1000, TagName: "free", Action: ActionBlock}))
 	id := wire.Identity{PublishKey: "pk", InstanceID: "i1"}
+	clock := time.Now()
+	s.now = func() time.Time { return clock }
 	var seq uint64
-	deadline := time.Now().Add(time.Minute)
-	for (len(s.Events()) < 50 || seq < 200) && time.Now().Before(deadline) {
+	for len(s.Events()) < 50 || seq < 200 {
 		seq++
+		require.Less(t, seq, uint64(1000), "the rule fires and clears")
 		// Busy and idle pulses in turn, each alone in its window: the
-		// rule fires and clears.
-		require.Equal(t, http.StatusOK, serve(s, signed("POST", wire.PathPulse, "sk", id, pulseJSON("i1", "", seq, 1000*(seq%2), int64(seq)))))
-		time.Sleep(30 * time.Millisecond)
+		// rule fires and clears. A pulse's 1 s window holds 1/50 of
+		// its calls in the 20 ms rule window: 2,000 calls, 100,000/s.
+		clock = clock.Add(30 * time.Millisecond)
+		require.Equal(t, http.StatusOK, serve(s, signed("POST", wire.PathPulse, "sk", id, pulseJSON("i1", "", seq, 100_000*(seq%2), int64(seq)))))
 	}
 	assert.Len(t, s.Pulses(), 50)
 	assert.Len(t, s.Requests(), 50)
@@ -509,8 +512,11 @@ func TestIncidentCadence(t *testing.T) {
 			require.NoError(t, s.SetRules("", Rule{Name: "busy", Metric: MetricRPS, Operator: ">", Threshold: 100, TagName: "free", Action: ActionBlock}))
 			id := wire.Identity{PublishKey: "pk", InstanceID: "i1"}
 			seq := uint64(0)
+			clock := time.Now()
+			s.now = func() time.Time { return clock } // each pulse arrives one window after the last
 			send := func(usage uint64) []byte {
 				seq++
+				clock = clock.Add(time.Duration(c.windowMs) * time.Millisecond)
 				body := fmt.Appendf(nil, `{"instanceId":"i1","seq":%d,"windowEndMs":%d,"windowMs":%d,"usageDelta":%d,"tags":{}}`, seq, seq, c.windowMs, usage)
 				rec := httptest.NewRecorder()
 				s.Handler().ServeHTTP(rec, signed("POST", wire.PathPulse, "sk", id, body))
@@ -671,4 +677,103 @@ func TestSitesPerKeyBounded(t *testing.T) {
 	assert.Equal(t, []string{"one-too-many"}, s.Sites())
 	assert.Equal(t, http.StatusOK, send("one-too-many").Code)
 	assert.EqualValues(t, 1, s.TotalsOf("pk", "one-too-many").Usage)
+}
+
+// TestRulesCountByWindow: after an outage, the first pulse's window covers
+// all of it; the rules count the share of its calls that the rule window
+// holds, not all of them at once, and its window is not taken for the
+// clients' interval. The interval learned when an incident begins is sent
+// until a lease after it clears, then left out, and learned afresh at the
+// next incident. Before, 190 calls/s across a 30 s outage read as 1,178/s
+// and fired an rps > 400 rule, and the first interval learned was kept.
+func TestRulesCountByWindow(t *testing.T) {
+	s := NewUnstarted()
+	defer s.Close()
+	s.AddKey("pk", "sk")
+	s.SetLeaseTTL(10 * time.Second)
+	s.SetRuleWindow(5 * time.Second)
+	s.SetPolicy("", Policy{Version: 1, GlobalMaxWeight: 10})
+	require.NoError(t, s.SetRules("", Rule{Name: "busy", Metric: MetricRPS, Operator: ">", Threshold: 400, TagName: "free", Action: ActionBlock}))
+	clock := time.Now()
+	s.now = func() time.Time { return clock }
+	id := wire.Identity{PublishKey: "pk", InstanceID: "i1"}
+	var seq uint64
+	// send sends the next window, of windowMs and usage calls, and
+	// returns the answer's pulseIntervalMs (0: none).
+	send := func(windowMs int64, usage uint64) int64 {
+		t.Helper()
+		seq++
+		body := fmt.Appendf(nil, `{"instanceId":"i1","seq":%d,"windowEndMs":%d,"windowMs":%d,"usageDelta":%d,"tags":{}}`, seq, clock.UnixMilli(), windowMs, usage)
+		rec := httptest.NewRecorder()
+		s.Handler().ServeHTTP(rec, signed("POST", wire.PathPulse, "sk", id, body))
+		require.Equal(t, http.StatusOK, rec.Code)
+		ms, _ := leaseOf(t, rec.Body.Bytes())
+		return ms
+	}
+	// pulse sends a window when it ends.
+	pulse := func(windowMs int64, usage uint64) int64 {
+		t.Helper()
+		clock = clock.Add(time.Duration(windowMs) * time.Millisecond)
+		return send(windowMs, usage)
+	}
+	for range 10 {
+		pulse(1000, 190)
+	}
+	// A 30 s outage: the window cut as it began is resent until the
+	// control plane is back, and the window that spans the outage
+	// follows one interval later.
+	clock = clock.Add(30 * time.Second)
+	send(1000, 190)
+	clock = clock.Add(time.Second)
+	send(31_000, 5_890)
+	m := s.Metrics("")
+	assert.InDelta(t, 228, m.RPS, 1, "190 calls of the resent window and 5/31 of the outage's, over 5 s")
+	for range 10 {
+		pulse(1000, 190)
+	}
+	assert.Empty(t, s.Events(), "190 calls/s throughout: the rule stays quiet")
+
+	// An incident: the interval learned is the clients' own 1 s, not the
+	// outage's window; the incident interval is a quarter of it.
+	var during int64
+	for len(s.Events()) == 0 {
+		require.Less(t, seq, uint64(100), "the rule fires")
+		during = pulse(1000, 1000)
+	}
+	assert.Equal(t, int64(250), during)
+	var after int64
+	for len(s.Events()) == 1 {
+		require.Less(t, seq, uint64(200), "the rule clears")
+		after = pulse(1000, 190)
+	}
+	assert.Equal(t, int64(1000), after, "back to the clients' own interval")
+	for range 10 {
+		after = pulse(1000, 190)
+	}
+	assert.Equal(t, int64(1000), after, "within a lease of the clearing")
+	after = pulse(1000, 190)
+	assert.Zero(t, after, "a lease later, left out: a client that joins keeps its own")
+
+	// The clients now pulse every 2 s: the next incident learns that.
+	for range 5 {
+		pulse(2000, 380)
+	}
+	for len(s.Events()) == 2 {
+		require.Less(t, seq, uint64(300), "the rule fires again")
+		during = pulse(2000, 2000)
+	}
+	assert.Equal(t, int64(500), during, "a quarter of the 2 s learned afresh")
+	for len(s.Events()) == 3 {
+		require.Less(t, seq, uint64(400), "the rule clears again")
+		pulse(2000, 380)
+	}
+
+	// An outage that ends in a surge: the window that spans it fires the
+	// rule, and is not taken for the clients' interval.
+	clock = clock.Add(30 * time.Second)
+	send(2000, 380)
+	clock = clock.Add(2 * time.Second)
+	during = send(32_000, 32_000)
+	require.Len(t, s.Events(), 5, "5,000 of its calls in the last 5 s, and the resent window's 380: 1,076/s")
+	assert.Equal(t, int64(500), during, "learned from the resent window, 2 s, not from the outage's 32 s")
 }

@@ -62,16 +62,16 @@ type Metrics struct {
 // taking the maximum lets one slow instance of a hundred trip a rule.
 // Instead the health's latency distribution is rebuilt as the
 // piecewise-linear CDF through its quantiles — (0, 0), (p50, .50),
-// (p95, .95), (p99, .99), (max, 1) — and its requests are spread over the
-// buckets by it, adding up to exactly its requests. It then merges with
+// (p95, .95), (p99, .99), (max, 1) — and n requests (its own, or the share
+// of them a rule window holds) are spread over the buckets by it, adding
+// up to exactly n. It then merges with
 // every other pulse's histogram, in fixed memory and at a fixed cost per
 // pulse; its quantiles read back within the scheme's error when it is
 // alone.
-func addQuantiles(dst **[wire.HistBuckets]uint64, h *Health) {
+func addQuantiles(dst **[wire.HistBuckets]uint64, h *Health, n uint64) {
 	if *dst == nil {
 		*dst = new([wire.HistBuckets]uint64)
 	}
-	n := h.Requests
 	var before uint64 // requests in the buckets below i
 	for i := range wire.HistBuckets {
 		upTo := n // requests below the bucket's upper edge

@@ -19,7 +19,7 @@ import (
 func quantilesOf(hs ...*Health) (p50, p95, p99 float64) {
 	var a agg
 	for _, h := range hs {
-		a.add(h.Requests, h, nil)
+		a.add(h.Requests, h, nil, whole)
 	}
 	return a.quantiles()
 }
@@ -58,7 +58,7 @@ func TestFleetQuantileWithoutHistograms(t *testing.T) {
 		{P50: 1e308, P95: 1e308, P99: 1e308, Max: 1e308}, {Max: 1e-9}} {
 		h := &Health{Requests: math.MaxUint64, LatencyMs: l}
 		var hist *[wire.HistBuckets]uint64
-		addQuantiles(&hist, h)
+		addQuantiles(&hist, h, h.Requests)
 		var sum uint64
 		for _, c := range hist {
 			sum += c
@@ -79,7 +79,7 @@ func TestQuantilesOnlyHealthIsNotKept(t *testing.T) {
 	var a agg
 	for range 40 {
 		h := &Health{Requests: 1000, LatencyMs: Latency{P50: 1, P95: 2, P99: 3, Max: 4}, Histogram: &Histogram{Scheme: "other", Counts: counts}}
-		a.add(1000, h, nil)
+		a.add(1000, h, nil, whole)
 	}
 	assert.EqualValues(t, 40_000, a.requests)
 	assert.NotNil(t, a.hist)

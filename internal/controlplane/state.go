@@ -3,6 +3,7 @@ package controlplane
 import (
 	"encoding/json"
 	"math"
+	"math/bits"
 	"strconv"
 	"sync"
 	"time"
@@ -134,7 +135,8 @@ type siteState struct {
 	swept     time.Time                // when idle processes were last looked for
 	order     uint64                   // pulses deduped, resends included
 	builds    int                      // times the cached answer parts were built
-	normal    time.Duration            // the clients' own pulse interval when an incident began
+	normal    time.Duration            // the clients' own pulse interval when the last incident began; 0 once told (pulseInterval)
+	cleared   time.Time                // when the last incident cleared
 	asked     time.Time                // when a request last asked for it, or it was made
 	gone      bool                     // forgotten by its tenant (forgetIdle): a request looks it up again
 
@@ -166,7 +168,8 @@ type aggWindow struct {
 type slot struct {
 	n         int64 // the slot's index since the epoch; live while within the window
 	pulses    int
-	windowMs  int64                     // sum of the pulses' windowMs
+	windowMs  int64                     // sum of the windowMs of the pulses whose window is an interval
+	windows   int                       // how many pulses those are
 	processes map[*incarnation]struct{} // the processes that pulsed in it
 	site      agg
 	tags      map[string]*agg // the tags the rules watch
@@ -200,15 +203,30 @@ func (w *aggWindow) slot(now time.Time) *slot {
 // figures and those of the watched tags. A process is known by its
 // record: one whose record was forgotten while it lived (past
 // maxIncarnations) and made again counts twice within the window.
+//
+// A pulse counts by its window, not by when it arrived: one whose window
+// is longer than the rule window (the first after an outage covers all of
+// it) adds only the share of its counts that the rule window holds,
+// windowMs being the time they were spread over. Its windowMs counts
+// towards the clients' own interval (meanWindow) only when it is no
+// longer than twice the time since the process's previous pulse arrived:
+// a window that spans an outage, or a stalled answer, is not an interval.
 func (w *aggWindow) add(p *Pulse, inc *incarnation, now time.Time, watched []string) {
 	s := w.slot(now)
 	s.pulses++
-	s.windowMs += max(p.WindowMs, 0)
+	if inc.gap > 0 && p.WindowMs > 0 && time.Duration(p.WindowMs)*time.Millisecond <= 2*inc.gap {
+		s.windowMs += p.WindowMs
+		s.windows++
+	}
+	f := whole
+	if rule := (w.width * windowSlots).Milliseconds(); p.WindowMs > rule {
+		f = share{num: uint64(rule), den: uint64(p.WindowMs)}
+	}
 	if s.processes == nil {
 		s.processes = map[*incarnation]struct{}{}
 	}
 	s.processes[inc] = struct{}{}
-	s.site.add(p.UsageDelta+p.BouncedDelta, p.Health, p.Metrics)
+	s.site.add(p.UsageDelta+p.BouncedDelta, p.Health, p.Metrics, f)
 	for _, tag := range watched {
 		tc, ok := p.Tags[tag]
 		if !ok {
@@ -222,23 +240,44 @@ func (w *aggWindow) add(p *Pulse, inc *incarnation, now time.Time, watched []str
 			a = &agg{}
 			s.tags[tag] = a
 		}
-		a.add(tc.Usage+tc.Bounced, tc.Health, tc.Metrics)
+		a.add(tc.Usage+tc.Bounced, tc.Health, tc.Metrics, f)
 	}
 }
 
-// add adds one pulse's figures for the scope.
-func (a *agg) add(calls uint64, h *Health, custom map[string]MetricAgg) {
-	a.calls += calls
+// share is the part num/den of a pulse's counts that a rule window holds.
+type share struct{ num, den uint64 }
+
+// whole is a pulse's every count.
+var whole = share{1, 1}
+
+// of is ⌊c × num/den⌋, exactly, for num ≤ den.
+func (f share) of(c uint64) uint64 {
+	if f.num >= f.den {
+		return c
+	}
+	hi, lo := bits.Mul64(c, f.num)
+	q, _ := bits.Div64(hi, lo, f.den) // hi < den: num < den
+	return q
+}
+
+// add adds f of one pulse's figures for the scope: its calls, requests,
+// errors, latency buckets and custom metric counts and sums.
+func (a *agg) add(calls uint64, h *Health, custom map[string]MetricAgg, f share) {
+	a.calls += f.of(calls)
 	if h != nil && h.Requests > 0 {
-		a.requests += h.Requests
-		a.errors += min(h.Errors, h.Requests)
-		if !AddHistogram(&a.hist, h) {
-			addQuantiles(&a.hist, h)
+		n := f.of(h.Requests)
+		a.requests += n
+		a.errors += f.of(min(h.Errors, h.Requests))
+		if !addHistogram(&a.hist, h, f) {
+			addQuantiles(&a.hist, h, n)
 		}
 	}
 	for name, m := range custom {
-		if m.Count == 0 {
+		if m.Count = f.of(m.Count); m.Count == 0 {
 			continue
+		}
+		if f != whole {
+			m.Sum = m.Sum * float64(f.num) / float64(f.den)
 		}
 		a.addMetric(name, m)
 	}
@@ -264,7 +303,10 @@ func (a *agg) addMetric(name string, m MetricAgg) {
 // reports whether it did. It adds nothing without one, for another scheme,
 // or for one with a bucket that does not parse: such a health counts
 // through its quantiles alone (addQuantiles).
-func AddHistogram(dst **[wire.HistBuckets]uint64, h *Health) bool {
+func AddHistogram(dst **[wire.HistBuckets]uint64, h *Health) bool { return addHistogram(dst, h, whole) }
+
+// addHistogram is AddHistogram of f of each bucket's count.
+func addHistogram(dst **[wire.HistBuckets]uint64, h *Health, f share) bool {
 	if h == nil || h.Histogram == nil || h.Histogram.Scheme != wire.HistogramScheme {
 		return false
 	}
@@ -278,7 +320,7 @@ func AddHistogram(dst **[wire.HistBuckets]uint64, h *Health) bool {
 	}
 	for key, c := range h.Histogram.Counts {
 		i, _ := bucketOf(key)
-		(*dst)[i] += c
+		(*dst)[i] += f.of(c)
 	}
 	return true
 }
@@ -363,12 +405,13 @@ func (a *agg) quantiles() (p50, p95, p99 float64) {
 	return wire.HistQuantile(a.hist, 0.50), wire.HistQuantile(a.hist, 0.95), wire.HistQuantile(a.hist, 0.99)
 }
 
-// meanWindow is the mean windowMs of the pulses within the window: the
-// pulse interval the site's clients use on their own.
+// meanWindow is the mean windowMs of the pulses within the window whose
+// window is an interval (add): the pulse interval the site's clients use
+// on their own; 0 when there are none.
 func (w *aggWindow) meanWindow(now time.Time) time.Duration {
 	var sum int64
 	var n int
-	w.live(now, func(s *slot) { sum, n = sum+s.windowMs, n+s.pulses })
+	w.live(now, func(s *slot) { sum, n = sum+s.windowMs, n+s.windows })
 	if n == 0 {
 		return 0
 	}
