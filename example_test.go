@@ -89,20 +89,46 @@ func ExampleClient_HTTPMiddleware() {
 	api := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintln(w, "report generated")
 	})
-	gated := client.HTTPMiddleware(waitstate.MiddlewareOptions{
-		Tag: func(r *http.Request) string { return r.Header.Get("X-Plan") },
-	})(api)
+	// The tag is the plan of the account the service's own authentication
+	// found (here a stand-in), never a header the caller sets: a free
+	// caller would send "X-Plan: pro".
+	gated := authenticate(client.HTTPMiddleware(waitstate.MiddlewareOptions{
+		Tag: func(r *http.Request) string { return planOf(r.Context()) },
+	})(api))
 
-	for _, plan := range []string{"pro", "free"} {
+	for _, key := range []string{"key-pro", "key-free"} {
 		req := httptest.NewRequest(http.MethodGet, "/report", nil)
-		req.Header.Set("X-Plan", plan)
+		req.Header.Set("Authorization", "Bearer "+key)
+		req.Header.Set("X-Plan", "pro") // the caller's say-so: not read
 		rec := httptest.NewRecorder()
 		gated.ServeHTTP(rec, req)
-		fmt.Printf("%s: %d %s", plan, rec.Code, rec.Body)
+		fmt.Printf("%s: %d %s", key, rec.Code, rec.Body)
 	}
 	// Output:
-	// pro: 200 report generated
-	// free: 429 {"error":"rate_limited","reason":"tag_max_weight"}
+	// key-pro: 200 report generated
+	// key-free: 429 {"error":"rate_limited","reason":"tag_max_weight"}
+}
+
+type planKey struct{}
+
+// authenticate stands in for a service's authentication: it finds the
+// account of the request's API key and puts its plan in the context.
+func authenticate(next http.Handler) http.Handler {
+	plans := map[string]string{"Bearer key-free": "free", "Bearer key-pro": "pro"}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		plan, ok := plans[r.Header.Get("Authorization")]
+		if !ok {
+			http.Error(w, "unknown API key", http.StatusUnauthorized)
+			return
+		}
+		next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), planKey{}, plan)))
+	})
+}
+
+// planOf is the plan authenticate found.
+func planOf(ctx context.Context) string {
+	plan, _ := ctx.Value(planKey{}).(string)
+	return plan
 }
 
 // A client with no control plane at all enforces a policy it ships, here

@@ -1,5 +1,9 @@
 // Command httpserver is a net/http service gated by WaitState's middleware:
-// the tag comes from the X-Plan header, the weight from the route.
+// the tag is the plan of the account the request's API key names, the
+// weight comes from the route. The tag comes from who the caller is, as the
+// service authenticated it, never from a header the caller sets: with a
+// tag read from an X-Plan header, a free caller would send
+// "X-Plan: enterprise" and pass where free is denied.
 //
 //	go run ./examples/httpserver                 # serve until Ctrl-C
 //	go run ./examples/httpserver -duration 5s    # send itself a few requests, then exit
@@ -21,12 +25,34 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
 	"github.com/waitstate/waitstate-go"
 	"github.com/waitstate/waitstate-go/waitstatetest"
 )
+
+// accounts stands in for the service's own accounts: the plan each API key
+// pays for.
+var accounts = map[string]string{"key-free": "free", "key-pro": "pro", "key-enterprise": "enterprise"}
+
+type planKey struct{}
+
+// authenticate answers 401 to a request without a known API key
+// ("Authorization: Bearer <key>") and passes the others on with their
+// account's plan in the context, for the gate's Tag.
+func authenticate(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		key, _ := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+		plan, ok := accounts[key]
+		if !ok {
+			http.Error(w, "unknown API key", http.StatusUnauthorized)
+			return
+		}
+		next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), planKey{}, plan)))
+	})
+}
 
 // routeWeights is what each route costs the backend.
 var routeWeights = map[string]float64{
@@ -77,15 +103,10 @@ func run(addr string, duration time.Duration) error {
 			fmt.Fprintf(w, "%s served (limit %v)\n", r.URL.Path, res.Limit)
 		})
 	}
-	handler := client.HTTPMiddleware(waitstate.MiddlewareOptions{
-		Tag: func(r *http.Request) string {
-			if plan := r.Header.Get("X-Plan"); plan != "" {
-				return plan
-			}
-			return "free"
-		},
+	handler := authenticate(client.HTTPMiddleware(waitstate.MiddlewareOptions{
+		Tag:    func(r *http.Request) string { return r.Context().Value(planKey{}).(string) },
 		Weight: func(r *http.Request) float64 { return routeWeights[r.URL.Path] },
-	})(mux)
+	})(mux))
 
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
@@ -95,7 +116,7 @@ func run(addr string, duration time.Duration) error {
 	served := make(chan error, 1)
 	go func() { served <- server.Serve(ln) }()
 	base := "http://" + ln.Addr().String()
-	fmt.Printf("listening on %s; try: curl -H 'X-Plan: pro' %s/report\n", base, base)
+	fmt.Printf("listening on %s; try: curl -H 'Authorization: Bearer key-pro' %s/report\n", base, base)
 
 	if duration > 0 {
 		readyCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
@@ -126,23 +147,32 @@ func run(addr string, duration time.Duration) error {
 	return nil
 }
 
-// selfDemo sends one request per plan and route and prints the answers.
+// selfDemo sends one request per plan and route, then one with the free
+// key claiming "X-Plan: enterprise", which changes nothing, and prints the
+// answers.
 func selfDemo(base string) {
-	for _, plan := range []string{"free", "pro", "enterprise"} {
-		for _, route := range []string{"/search", "/report", "/export"} {
-			req, _ := http.NewRequest(http.MethodGet, base+route, nil)
-			req.Header.Set("X-Plan", plan)
-			resp, err := http.DefaultClient.Do(req)
-			if err != nil {
-				fmt.Println(err)
-				continue
-			}
-			body, _ := io.ReadAll(resp.Body)
-			resp.Body.Close()
-			fmt.Printf("%-10s %-8s (weight %2v) → %d %s", plan, route, routeWeights[route], resp.StatusCode, body)
-			if resp.StatusCode == http.StatusTooManyRequests {
-				fmt.Printf(" (Retry-After: %s)\n", resp.Header.Get("Retry-After"))
-			}
+	send := func(label, key, route string, header http.Header) {
+		req, _ := http.NewRequest(http.MethodGet, base+route, nil)
+		for k, v := range header {
+			req.Header[k] = v
+		}
+		req.Header.Set("Authorization", "Bearer "+key)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			fmt.Println(err)
+			return
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		fmt.Printf("%-10s %-8s (weight %2v) → %d %s", label, route, routeWeights[route], resp.StatusCode, body)
+		if resp.StatusCode == http.StatusTooManyRequests {
+			fmt.Printf(" (Retry-After: %s)\n", resp.Header.Get("Retry-After"))
 		}
 	}
+	for _, plan := range []string{"free", "pro", "enterprise"} {
+		for _, route := range []string{"/search", "/report", "/export"} {
+			send(plan, "key-"+plan, route, nil)
+		}
+	}
+	send("free, claiming X-Plan: enterprise", "key-free", "/report", http.Header{"X-Plan": {"enterprise"}})
 }

@@ -5,7 +5,8 @@
 //
 // With WAITSTATE_PUBLISH_KEY and WAITSTATE_SECRET_KEY set it uses that
 // control plane; without them, one embedded on loopback whose policy
-// denies plan "free" weight above 0.
+// denies plan "free" weight above 0. A request is gated under the plan of
+// the account its API key names ("Authorization: Bearer key-pro").
 package main
 
 import (
@@ -46,8 +47,11 @@ func run(addr string, duration time.Duration) error {
 	r := chi.NewRouter()
 	r.Get("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = io.WriteString(w, "ok\n") })
 	r.Group(func(r chi.Router) {
+		// Authentication first: the tag is the plan of the account the
+		// API key names, never a header the caller could set.
+		r.Use(demo.Authenticate)
 		r.Use(client.HTTPMiddleware(waitstate.MiddlewareOptions{
-			Tag: func(r *http.Request) string { return r.Header.Get("X-Plan") },
+			Tag: func(r *http.Request) string { return demo.PlanOf(r.Context()) },
 		}))
 		r.Get("/search", func(w http.ResponseWriter, r *http.Request) {
 			res, _ := waitstate.ResultFromContext(r.Context())

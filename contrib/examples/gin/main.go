@@ -7,7 +7,8 @@
 //
 // With WAITSTATE_PUBLISH_KEY and WAITSTATE_SECRET_KEY set it uses that
 // control plane; without them, one embedded on loopback whose policy
-// denies plan "free" weight above 0.
+// denies plan "free" weight above 0. A request is gated under the plan of
+// the account its API key names ("Authorization: Bearer key-pro").
 package main
 
 import (
@@ -65,7 +66,17 @@ func run(addr string, duration time.Duration) error {
 	gin.SetMode(gin.ReleaseMode)
 	r := gin.New()
 	r.GET("/healthz", func(c *gin.Context) { c.String(http.StatusOK, "ok\n") })
-	api := r.Group("/", gate(client, func(c *gin.Context) string { return c.GetHeader("X-Plan") }))
+	// Authentication first: the tag is the plan of the account the API
+	// key names, never a header the caller could set.
+	authenticate := func(c *gin.Context) {
+		plan, ok := demo.PlanFor(c.GetHeader("Authorization"))
+		if !ok {
+			c.AbortWithStatusJSON(http.StatusUnauthorized, gin.H{"error": "unknown API key"})
+			return
+		}
+		c.Set("plan", plan)
+	}
+	api := r.Group("/", authenticate, gate(client, func(c *gin.Context) string { return c.GetString("plan") }))
 	api.GET("/search", func(c *gin.Context) {
 		c.String(http.StatusOK, "results for %q\n", c.Query("q"))
 	})

@@ -10,11 +10,51 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/waitstate/waitstate-go"
 	"github.com/waitstate/waitstate-go/waitstatetest"
 )
+
+// apiKeys stands in for the service's own accounts: what each API key's
+// account pays for.
+var apiKeys = map[string]string{"key-free": "free", "key-pro": "pro"}
+
+// PlanFor returns the plan of the account whose API key the Authorization
+// header carries ("Bearer <key>"), and false when it names none. The plan
+// a request is gated under must come from here, from who the caller is,
+// never from a header the caller sets: with a tag taken from, say, an
+// X-Plan header, a free caller sends "X-Plan: pro" and passes as pro.
+func PlanFor(authorization string) (string, bool) {
+	key, ok := strings.CutPrefix(authorization, "Bearer ")
+	if !ok {
+		return "", false
+	}
+	plan, ok := apiKeys[key]
+	return plan, ok
+}
+
+type planKey struct{}
+
+// Authenticate answers 401 to a request without a known API key, and
+// passes the others on with their account's plan in the context (PlanOf).
+func Authenticate(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		plan, ok := PlanFor(r.Header.Get("Authorization"))
+		if !ok {
+			http.Error(w, "unknown API key", http.StatusUnauthorized)
+			return
+		}
+		next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), planKey{}, plan)))
+	})
+}
+
+// PlanOf is the plan Authenticate found for the request.
+func PlanOf(ctx context.Context) string {
+	plan, _ := ctx.Value(planKey{}).(string)
+	return plan
+}
 
 // Options returns Options for the control plane the environment names, or
 // for one embedded on loopback, whose policy denies plan "free" weight
@@ -30,7 +70,8 @@ func Options() (opts waitstate.Options, closePlane func(), err error) {
 }
 
 // Serve serves h on addr until the process is killed; with a duration, it
-// sends GET /search as each plan, prints the answers and returns.
+// sends GET /search with each plan's API key, and once with the free key
+// and a header claiming "X-Plan: pro", prints the answers and returns.
 func Serve(addr string, h http.Handler, client *waitstate.Client, duration time.Duration) error {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
@@ -46,16 +87,26 @@ func Serve(addr string, h http.Handler, client *waitstate.Client, duration time.
 	ctx, cancel := context.WithTimeout(context.Background(), duration)
 	defer cancel()
 	_ = client.Ready(ctx)
-	for _, plan := range []string{"free", "pro"} {
+	for _, try := range []struct{ name, key, claim string }{
+		{"free", "key-free", ""},
+		{"pro", "key-pro", ""},
+		{"free claiming X-Plan: pro", "key-free", "pro"},
+		{"no key", "", ""},
+	} {
 		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+ln.Addr().String()+"/search?q=go", nil)
-		req.Header.Set("X-Plan", plan)
+		if try.key != "" {
+			req.Header.Set("Authorization", "Bearer "+try.key)
+		}
+		if try.claim != "" {
+			req.Header.Set("X-Plan", try.claim) // the caller's say-so: not read
+		}
 		resp, err := http.DefaultClient.Do(req)
 		if err != nil {
 			return err
 		}
 		body, _ := io.ReadAll(resp.Body)
 		resp.Body.Close()
-		fmt.Printf("%s: %d %s\n", plan, resp.StatusCode, bytes.TrimSpace(body))
+		fmt.Printf("%s: %d %s\n", try.name, resp.StatusCode, bytes.TrimSpace(body))
 	}
 	return nil
 }
