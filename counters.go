@@ -120,7 +120,8 @@ type tagCounter struct {
 	health   atomic.Pointer[health]
 	metrics  atomic.Pointer[metricSet]
 	overflow bool // a marker: the tag came when the window was full; it counts under OtherTag
-	_        [7]byte
+	own      bool // the counter of one tag that holds a place: not OtherTag's, the site's or a marker
+	_        [6]byte
 
 	turns atomic.Uint64 // calls that passed the weight check: the shedding sequence
 	_     [56]byte
@@ -211,9 +212,9 @@ func (t *tagCounter) peek() reasonCounts {
 // nil when the window was swept before the tag could be registered; the
 // caller then counts in the next window. A new counter caches the tag's
 // limit under p.
-func (w *window) lookup(tag string, p *Policy) *tagCounter {
+func (w *window) lookup(tag string, x *policyIndex) *tagCounter {
 	h, ok := hashTag(w.seed, tag)
-	return w.lookupHashed(tag, h, ok, p)
+	return w.lookupHashed(tag, h, ok, x)
 }
 
 // hashTag hashes a tag that can be stored; a tag longer than
@@ -226,7 +227,7 @@ func hashTag(seed uint64, tag string) (h uint64, ok bool) {
 }
 
 // lookupHashed is lookup given hashTag's answer for tag.
-func (w *window) lookupHashed(tag string, h uint64, hashed bool, p *Policy) *tagCounter {
+func (w *window) lookupHashed(tag string, h uint64, hashed bool, x *policyIndex) *tagCounter {
 	if !hashed {
 		return &w.other // never stored
 	}
@@ -237,7 +238,7 @@ func (w *window) lookupHashed(tag string, h uint64, hashed bool, p *Policy) *tag
 		if c == nil {
 			if fresh == nil {
 				var settled bool
-				if fresh, settled = w.entry(tag, h, p); fresh == nil {
+				if fresh, settled = w.entry(tag, h, x); fresh == nil {
 					if settled {
 						return &w.other
 					}
@@ -298,7 +299,7 @@ func (w *window) find(tag string) *tagCounter {
 // A marker is needed only while inserts are in flight: one of them may be
 // the same tag, about to take the slot this call found empty, and only a
 // compare-and-swap on that slot can settle which of the two the tag is.
-func (w *window) entry(tag string, h uint64, p *Policy) (c *tagCounter, settled bool) {
+func (w *window) entry(tag string, h uint64, x *policyIndex) (c *tagCounter, settled bool) {
 	if w.full.Load() && w.inflight.Load() == 0 {
 		// The common case of a flood: nothing will be stored, so nothing
 		// is written and the tag need not be checked (an invalid one is
@@ -313,8 +314,8 @@ func (w *window) entry(tag string, h uint64, p *Policy) (c *tagCounter, settled 
 	}
 	w.inflight.Add(1) // before reserve: settle must see us (invariant 2)
 	if w.reserve() {
-		c = &tagCounter{tag: strings.Clone(tag), hash: h}
-		c.lim0 = p.limitFor(tag)
+		c = &tagCounter{tag: strings.Clone(tag), hash: h, own: true}
+		c.lim0 = x.limitFor(tag, h, true)
 		c.lim.Store(&c.lim0)
 		return c, false
 	}
@@ -396,13 +397,14 @@ func (t *tagCounter) tracked() bool {
 	return t != nil && t != sealedSlot && !t.overflow
 }
 
-// relimit caches every registered tag's limit under p, so that Gate keeps a
-// single lookup after a policy change. Gate checks the cached policy, so a
-// stale or missing entry costs a second lookup, never a wrong answer.
-func (w *window) relimit(p *Policy) {
+// relimit caches every registered tag's limit under x's policy, so that
+// Gate keeps a single lookup after a policy change. Gate checks the cached
+// policy, so a stale or missing entry costs a second lookup, never a wrong
+// answer.
+func (w *window) relimit(x *policyIndex) {
 	for i := range w.slots {
 		if c := w.slots[i].Load(); c.tracked() {
-			l := p.limitFor(c.tag)
+			l := x.limitFor(c.tag, c.hash, true)
 			c.lim.Store(&l)
 		}
 	}
@@ -472,11 +474,11 @@ func (w *window) drain() {
 // "" (it has no health or metrics of its own), else the tag's counter,
 // registered if new. Call it only under a reservation: the window cannot be
 // swept meanwhile, so it never returns nil.
-func (w *window) extra(tag string, p *Policy) *tagCounter {
+func (w *window) extra(tag string, x *policyIndex) *tagCounter {
 	if tag == "" {
 		return &w.site
 	}
-	return w.lookup(tag, p)
+	return w.lookup(tag, x)
 }
 
 // windowCounts is what a window counted.

@@ -15,7 +15,7 @@ import (
 
 func TestWindowTagCap(t *testing.T) {
 	w := newWindow(42, 0)
-	p := DefaultPolicy()
+	p := newPolicyIndex(DefaultPolicy(), 0)
 	for i := range MaxWindowTags + 300 {
 		require.True(t, w.lookup(fmt.Sprintf("tag-%d", i), p).add(verdict(i%2 == 0)))
 	}
@@ -36,7 +36,7 @@ func TestWindowTagCap(t *testing.T) {
 
 func TestWindowUserOtherTagIsMerged(t *testing.T) {
 	w := newWindow(1, 0)
-	p := DefaultPolicy()
+	p := newPolicyIndex(DefaultPolicy(), 0)
 	w.lookup(OtherTag, p).add(verdict(true))
 	for i := range MaxWindowTags + 1 {
 		w.lookup(fmt.Sprint(i), p).add(verdict(false))
@@ -50,7 +50,7 @@ func TestWindowUserOtherTagIsMerged(t *testing.T) {
 
 func TestWindowConcurrentRegistration(t *testing.T) {
 	w := newWindow(7, 0)
-	p := DefaultPolicy()
+	p := newPolicyIndex(DefaultPolicy(), 0)
 	var wg sync.WaitGroup
 	for g := range 8 {
 		wg.Add(1)
@@ -81,7 +81,7 @@ func TestWindowConcurrentRegistration(t *testing.T) {
 
 func TestSealedCounterRefusesAdds(t *testing.T) {
 	w := newWindow(3, 0)
-	c := w.lookup("a", DefaultPolicy())
+	c := w.lookup("a", newPolicyIndex(DefaultPolicy(), 0))
 	require.True(t, c.add(verdict(true)))
 	assert.Equal(t, reasonCounts{ReasonAllowed: 1}, c.seal())
 	assert.False(t, c.add(verdict(true)), "an add after the seal must report that it did not count")
@@ -90,7 +90,7 @@ func TestSealedCounterRefusesAdds(t *testing.T) {
 
 func TestSealedWindowRefusesNewTags(t *testing.T) {
 	w := newWindow(3, 0)
-	p := DefaultPolicy()
+	p := newPolicyIndex(DefaultPolicy(), 0)
 	w.lookup("a", p).add(verdict(true))
 	w.report()
 	assert.Nil(t, w.lookup("b", p), "a tag first seen after the seal must go to the next window")

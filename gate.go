@@ -184,7 +184,7 @@ func (c *Client) Gate(tag string, weight float64) GateResult {
 	v := c.view.Load()
 	var ctr *tagCounter
 	if v.win != nil {
-		if ctr = v.win.lookupHashed(tag, h, hashed, v.policy); ctr == nil {
+		if ctr = v.win.lookupHashed(tag, h, hashed, v.index); ctr == nil {
 			v, ctr = c.liveCounter(tag, h, hashed) // swept before the tag got a place
 		}
 	}
@@ -198,7 +198,7 @@ func (c *Client) Gate(tag string, weight float64) GateResult {
 			l = v.index.limitFor(tag, h, hashed)
 		}
 		r = l.decide(normWeight(weight))
-		if r.Allowed && l.shed > 0 && ctr != nil && shedTurn(ctr.turns.Add(1), l.shed) {
+		if r.Allowed && l.shed > 0 && shedTurn(v.index.turnsFor(&l, ctr).Add(1), l.shed) {
 			r = GateResult{Allowed: false, Reason: ReasonThrottled, Limit: l.limit}
 		}
 	case answerSafeRate:
@@ -230,7 +230,7 @@ func (c *Client) liveCounter(tag string, h uint64, hashed bool) (*view, *tagCoun
 		if v.win == nil {
 			return v, nil
 		}
-		if ctr := v.win.lookupHashed(tag, h, hashed, v.policy); ctr != nil {
+		if ctr := v.win.lookupHashed(tag, h, hashed, v.index); ctr != nil {
 			return v, ctr
 		}
 	}

@@ -342,7 +342,7 @@ func TestWindowMemory(t *testing.T) {
 // most maxProbe slots, whatever the table holds.
 func TestTagFloodProbeIsBounded(t *testing.T) {
 	w := newWindow(5, 0)
-	p := DefaultPolicy()
+	p := newPolicyIndex(DefaultPolicy(), 0)
 	for i := range 4 * MaxWindowTags {
 		w.lookup(fmt.Sprint("flood-", i), p).add(ReasonAllowed)
 	}

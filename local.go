@@ -352,7 +352,7 @@ func (c *Client) enterLocalRules(now time.Duration) {
 func (c *Client) leaveLocalRules() {
 	ls := &c.local
 	if ls.policy != nil && c.win != nil && c.policy != nil {
-		c.win.relimit(c.policy)
+		c.win.relimit(c.index)
 	}
 	ls.states, ls.fired, ls.policy, ls.index = nil, nil, nil, nil
 }
@@ -383,7 +383,7 @@ func (c *Client) evaluateLocal(now time.Duration, force bool) bool {
 	p.Version = c.policy.Version
 	ls.fired, ls.policy, ls.index = fired, p, newPolicyIndex(p, c.seed)
 	if c.win != nil {
-		c.win.relimit(p)
+		c.win.relimit(ls.index)
 	}
 	for _, ch := range changes {
 		c.log.Warn("waitstate: local rule "+map[bool]string{true: "fired", false: "cleared"}[ch.Fired], "rule", ch.Rule, "value", ch.Value)

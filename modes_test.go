@@ -2,6 +2,7 @@ package waitstate
 
 import (
 	"context"
+	"fmt"
 	"math"
 	"sync"
 	"sync/atomic"
@@ -23,8 +24,8 @@ func shedPattern(c *Client, tag string, weight float64, n int) []bool {
 }
 
 // TestShedEven: among the first k calls of a tag that pass the weight
-// check, ⌊k·p/100⌋ or ⌈k·p/100⌉ are shed, for every k: sheds are spread
-// evenly, never in bursts.
+// check, exactly ⌊k·p/100⌋ are shed, for every k: sheds are spread evenly,
+// never in bursts.
 func TestShedEven(t *testing.T) {
 	for _, pct := range []float64{0, 1, 10, 12.5, 25, 33.3, 50, 66.6, 99.9, 100} {
 		c := idleClient(t, nil, &Policy{Version: 1, GlobalMaxWeight: 5, TagShedPercents: map[string]float64{"pro": pct}})
@@ -33,14 +34,106 @@ func TestShedEven(t *testing.T) {
 			if s {
 				shed++
 			}
-			exact := float64(k+1) * pct / 100
-			require.True(t, float64(shed) == math.Floor(exact) || float64(shed) == math.Ceil(exact),
-				"%v %%: %d of the first %d calls shed, want ⌊%v⌋ or ⌈%v⌉", pct, shed, k+1, exact, exact)
+			require.Equal(t, (k+1)*int(ppm(pct))/1_000_000, shed, "%v %%: shed of the first %d calls, ⌊k·p/100⌋", pct, k+1)
 		}
 	}
 	c := idleClient(t, nil, &Policy{Version: 1, GlobalMaxWeight: 5, TagShedPercents: map[string]float64{"half": 50, "quarter": 25}})
 	assert.Equal(t, []bool{false, true, false, true, false, true}, shedPattern(c, "half", 1, 6), "at 50 % every other call")
 	assert.Equal(t, []bool{false, false, false, true, false, false, false, true}, shedPattern(c, "quarter", 1, 8), "at 25 % one in four")
+}
+
+// TestShedExactDecimal: shed turns are counted in parts per million, so
+// every percent with a decimal sheds exactly ⌊k·p/100⌋ of the first k
+// calls, for every k. In binary floating point 9.2 % shed 68 of 750
+// instead of 69, and 148 of the 999 one-decimal percents missed by one at
+// some k up to 1,000.
+func TestShedExactDecimal(t *testing.T) {
+	for tenths := uint64(1); tenths <= 999; tenths++ {
+		p := ppm(float64(tenths) / 10)
+		require.Equal(t, uint32(tenths*1000), p, "%d.%d %%", tenths/10, tenths%10)
+		var shed uint64
+		for k := uint64(1); k <= 1000; k++ {
+			if shedTurn(k, p) {
+				shed++
+			}
+			require.Equal(t, k*tenths/1000, shed, "%d.%d %%: shed of the first %d", tenths/10, tenths%10, k)
+		}
+	}
+	assert.True(t, shedTurn(1<<63+7, ppm(100)), "100 % sheds every call, however many came before")
+	assert.False(t, shedTurn(1<<63+7, ppm(0)))
+	c := idleClient(t, nil, &Policy{Version: 1, GlobalMaxWeight: 5, TagShedPercents: map[string]float64{"pro": 9.2}})
+	shed := 0
+	for _, s := range shedPattern(c, "pro", 1, 750) {
+		if s {
+			shed++
+		}
+	}
+	assert.Equal(t, 69, shed, "9.2 %% of 750")
+}
+
+// TestShedOwnSequenceUnderOther: a tag the policy gives a shed percent of
+// its own sheds evenly even when the window counts it under OtherTag: its
+// turns are its own, in the policy index. Before, two tags at 50 % past
+// the window's first 1,024 shared OtherTag's sequence, and alternating
+// they were shed 0 and 1,000 of 1,000.
+func TestShedOwnSequenceUnderOther(t *testing.T) {
+	c := idleClient(t, nil, &Policy{Version: 1, GlobalMaxWeight: 5, GlobalShedPercent: 50,
+		TagShedPercents: map[string]float64{"a": 50, "b": 50}})
+	for i := range MaxWindowTags {
+		c.Gate(fmt.Sprint("filler-", i), 1e9) // denied by weight: no turn taken
+	}
+	require.Nil(t, c.win.find("a"), "the window is full: a and b go under OtherTag")
+	shed := map[string]int{}
+	for range 1000 {
+		for _, tag := range []string{"a", "b"} {
+			if c.Gate(tag, 1).Reason == ReasonThrottled {
+				shed[tag]++
+			}
+		}
+	}
+	assert.Equal(t, map[string]int{"a": 500, "b": 500}, shed)
+	require.Nil(t, c.win.find("a"))
+}
+
+// TestShedAcrossWindows: a tag's shed sequence under a shed percent of its
+// own goes on from window to window while the policy stays in force. At
+// 99 % with one call per window, 19 of 20 are shed; before, each window
+// started the sequence again and none was.
+func TestShedAcrossWindows(t *testing.T) {
+	c := idleClient(t, nil, &Policy{Version: 1, GlobalMaxWeight: 5, TagShedPercents: map[string]float64{"bulk": 99}})
+	shed := 0
+	for range 20 {
+		if c.Gate("bulk", 1).Reason == ReasonThrottled {
+			shed++
+		}
+		cutPulse(t, c, false)
+	}
+	assert.Equal(t, 19, shed)
+}
+
+// TestShedAfterShutdown: Gate keeps answering from the last state after
+// Shutdown, shedding included, and counts nothing. Before, a tag shed at
+// 100 % was then allowed, and one at 50 % shed none of 100.
+func TestShedAfterShutdown(t *testing.T) {
+	c := idleClient(t, nil, &Policy{Version: 1, GlobalMaxWeight: 5, GlobalShedPercent: 50,
+		TagShedPercents: map[string]float64{"blocked": 100, "half": 50}})
+	ctx, cancel := context.WithTimeout(context.Background(), waitFor)
+	defer cancel()
+	_ = c.Shutdown(ctx) // nothing listens: the flush fails at once
+	before := c.Stats()
+	assert.Equal(t, GateResult{false, false, ReasonThrottled, 5}, c.Gate("blocked", 1))
+	shed := map[string]int{}
+	for range 100 {
+		for _, tag := range []string{"half", "unnamed"} {
+			if c.Gate(tag, 1).Reason == ReasonThrottled {
+				shed[tag]++
+			}
+		}
+	}
+	assert.Equal(t, map[string]int{"half": 50, "unnamed": 50}, shed)
+	after := c.Stats()
+	assert.Equal(t, before.Usage, after.Usage, "nothing counted")
+	assert.Equal(t, before.Bounced, after.Bounced)
 }
 
 func TestShedDecisions(t *testing.T) {

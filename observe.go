@@ -26,7 +26,7 @@ func (c *Client) ObserveTag(tag string, latency time.Duration, failed bool) {
 	if r == nil {
 		return // shut down
 	}
-	v.win.extra(tag, v.policy).healthOf().observe(latency, failed)
+	v.win.extra(tag, v.index).healthOf().observe(latency, failed)
 	if all := v.win.all.Load(); all != nil {
 		all.observe(latency, failed)
 	}
@@ -99,7 +99,7 @@ func (c *Client) Record(tag, metric string, value float64) {
 	if r == nil {
 		return // shut down
 	}
-	ok := v.win.extra(tag, v.policy).metricsOf().record(metric, value)
+	ok := v.win.extra(tag, v.index).metricsOf().record(metric, value)
 	r.exit()
 	if !ok {
 		c.metricsDropped.Add(1)

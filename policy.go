@@ -8,6 +8,7 @@ import (
 	"math"
 	"strconv"
 	"strings"
+	"sync/atomic"
 
 	"github.com/waitstate/waitstate-go/internal/wire"
 )
@@ -44,12 +45,17 @@ type Policy struct {
 
 	// GlobalShedPercent, from 0 to 100, is the share of the calls that pass
 	// the weight check to shed anyway, for a tag without an entry in
-	// TagShedPercents. Shedding is even, not random: at 25 % one call in
-	// four is shed.
+	// TagShedPercents. Shedding is even, not random: of the first k calls,
+	// exactly ⌊k·p/100⌋ are shed, at 25 % one call in four, counted in
+	// parts per million. Each tag a window tracks is counted on its own
+	// within the window; the tags a full window counts under OtherTag
+	// share one count.
 	GlobalShedPercent float64
 
 	// TagShedPercents holds per-tag shed percents; an entry replaces
-	// GlobalShedPercent for its tag.
+	// GlobalShedPercent for its tag, whose calls are counted on their own
+	// for as long as the policy is in force, across windows, whether or
+	// not a window tracks the tag.
 	TagShedPercents map[string]float64
 }
 
@@ -78,17 +84,21 @@ func (p *Policy) Gate(tag string, weight float64) GateResult {
 type tagLimit struct {
 	policy *Policy
 	limit  float64
-	reason Reason  // the denial reason: ReasonTagMaxWeight or ReasonGlobalMaxWeight
-	shed   float64 // percent, 0 to 100
+	reason Reason // the denial reason: ReasonTagMaxWeight or ReasonGlobalMaxWeight
+	shed   uint32 // parts per million of the calls that pass the weight check, 0 to 1,000,000
+	// turns is the shed sequence of a tag with a shed percent of its own,
+	// in the policy index, for as long as the policy is in force; nil for
+	// a tag under the global percent (Client.Gate picks its sequence).
+	turns *atomic.Uint64
 }
 
 // limitFor resolves tag's limit and shed fraction: its own entries, else
-// the global ones.
+// the global ones. It names no shed sequence: the policy index does.
 func (p *Policy) limitFor(tag string) tagLimit {
 	if p == nil {
 		return tagLimit{limit: math.Inf(1), reason: ReasonGlobalMaxWeight}
 	}
-	l := tagLimit{policy: p, limit: p.GlobalMaxWeight, reason: ReasonGlobalMaxWeight, shed: p.GlobalShedPercent}
+	l := tagLimit{policy: p, limit: p.GlobalMaxWeight, reason: ReasonGlobalMaxWeight, shed: ppm(p.GlobalShedPercent)}
 	if len(p.TagMaxWeights) != 0 {
 		if w, ok := p.TagMaxWeights[tag]; ok {
 			l.limit, l.reason = w, ReasonTagMaxWeight
@@ -96,10 +106,16 @@ func (p *Policy) limitFor(tag string) tagLimit {
 	}
 	if len(p.TagShedPercents) != 0 {
 		if s, ok := p.TagShedPercents[tag]; ok {
-			l.shed = s
+			l.shed = ppm(s)
 		}
 	}
 	return l
+}
+
+// ppm is a shed percent in parts per million, the unit shedTurn counts
+// in: exact for every percent with up to four decimals.
+func ppm(percent float64) uint32 {
+	return uint32(math.Round(min(max(percent, 0), 100) * 10_000))
 }
 
 // decide holds a normalised weight against the limit.
@@ -110,14 +126,16 @@ func (l *tagLimit) decide(weight float64) GateResult {
 	return GateResult{Allowed: false, Reason: l.reason, Limit: l.limit}
 }
 
-// shedTurn reports whether the k-th call (from 1) of a tag to pass the
-// weight check in a window is shed at pct percent. Exactly ⌊k·pct/100⌋ of
-// the first k calls are shed, for every k, so sheds are spread evenly: at
-// 50 every other call, at 25 one in four. The product comes before the
-// division so that a decimal percent such as 33.3 sheds 333 of 1,000, not
-// 332 as k·0.333 rounded would.
-func shedTurn(k uint64, pct float64) bool {
-	return math.Floor(float64(k)*pct/100) != math.Floor(float64(k-1)*pct/100)
+// shedTurn reports whether the k-th call (from 1) of a shed sequence is
+// shed at ppm parts per million. Exactly ⌊k·ppm/10⁶⌋ of the first k calls
+// are shed, for every k, so sheds are spread evenly: at 25 % the 4th, 8th,
+// 12th... In integers, so a decimal percent such as 9.2 sheds 69 of 750
+// and 33.3 sheds 333 of 1,000: the k-th call is shed when the k-th step
+// of ppm carries past a multiple of 10⁶, that is when (k·ppm mod 10⁶) <
+// ppm, computed as ((k mod 10⁶)·ppm) mod 10⁶ so that nothing overflows.
+func shedTurn(k uint64, ppm uint32) bool {
+	const whole = 1_000_000
+	return (k%whole)*uint64(ppm)%whole < uint64(ppm)
 }
 
 // normWeight maps NaN and negative weights to 1.

@@ -470,7 +470,7 @@ func (c *Client) applyLeaseLocked(a leaseAnswer, fromPulse bool, gen uint64) {
 		c.policy, c.initial, c.restored = p, false, !a.restored.IsZero()
 		c.index = newPolicyIndex(p, c.seed)
 		if c.win != nil {
-			c.win.relimit(p) // before publish: Gate checks which policy a limit is for
+			c.win.relimit(c.index) // before publish: Gate checks which policy a limit is for
 		}
 		if c.restored {
 			var rules int
