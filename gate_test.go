@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"math"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -115,12 +116,16 @@ func TestGateEnforcesPolicy(t *testing.T) {
 	assert.EqualValues(t, 5, s.PolicyVersion)
 }
 
-// TestCountExactAcrossCuts gates from 8 goroutines while windows are cut
-// as fast as they can be: every call lands in exactly one window.
+// TestCountExactAcrossCuts gates from 8 goroutines while windows are cut,
+// each cut once the gaters made some calls since the last, so that cuts
+// land among calls whatever GOMAXPROCS: every call lands in exactly one
+// window. Before, at GOMAXPROCS=1 the 200 cuts were done before any gater
+// ran, and the test failed 7 of 20 runs.
 func TestCountExactAcrossCuts(t *testing.T) {
 	c := idleClient(t, nil, &Policy{Version: 1, GlobalMaxWeight: 5, TagMaxWeights: map[string]float64{"free": 0}})
 	tags := []string{"free", "pro", "ent", "batch", "x"}
 	var stop atomic.Bool
+	var calls atomic.Uint64
 	var wg sync.WaitGroup
 	local := make([]map[string]tagCount, 8)
 	for g := range local {
@@ -129,6 +134,9 @@ func TestCountExactAcrossCuts(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			for i := 0; !stop.Load(); i++ {
+				if calls.Add(1)%64 == 0 {
+					runtime.Gosched() // let the cutter in: at GOMAXPROCS=1 it waits for a time slice otherwise
+				}
 				tag := tags[(i+g)%len(tags)]
 				r := c.Gate(tag, float64(i%8))
 				tc := local[g][tag]
@@ -148,11 +156,19 @@ func TestCountExactAcrossCuts(t *testing.T) {
 		pulses = append(pulses, p)
 	}
 	for range 200 {
+		awaitCalls(t, &calls, 50)
 		cutOne(false)
 	}
 	stop.Store(true)
 	wg.Wait()
 	cutOne(true)
+	carried := 0
+	for _, p := range pulses {
+		if p.UsageDelta+p.BouncedDelta > 0 {
+			carried++
+		}
+	}
+	assert.Greater(t, carried, 150, "cuts landed among the calls")
 
 	want := map[string]tagCount{}
 	var wantUsage, wantBounced uint64
@@ -186,6 +202,19 @@ func TestCountExactAcrossCuts(t *testing.T) {
 	assert.Equal(t, GateResult{false, false, ReasonTagMaxWeight, 0}, c.Gate("free", 1))
 	assert.Equal(t, wantUsage, c.Stats().Usage)
 	assert.Equal(t, wantBounced, c.Stats().Bounced)
+}
+
+// awaitCalls waits until calls has grown by n since it was last seen here,
+// yielding to the goroutines that make them, so that whatever GOMAXPROCS
+// a cut that follows lands among them.
+func awaitCalls(t testing.TB, calls *atomic.Uint64, n uint64) {
+	t.Helper()
+	from := calls.Load()
+	deadline := time.Now().Add(waitFor)
+	for calls.Load() < from+n {
+		require.True(t, time.Now().Before(deadline), "the gaters made no calls")
+		runtime.Gosched()
+	}
 }
 
 // fakeClock is a clock a test moves by hand.
