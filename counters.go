@@ -27,12 +27,14 @@ const (
 )
 
 // The tag table is open-addressed with linear probing. It has twice as many
-// slots as a window tracks tags, so it is at most half full, and a lookup
-// reads at most maxProbe slots: a tag whose first maxProbe slots are taken
-// by other tags goes to OtherTag. With a seeded hash and a half-full table
-// a run that long does not happen by chance (the longest run among 1,024
-// tags is about a dozen slots), so the bound only caps what a flood of new
-// tags costs: a handful of slot reads, never a scan of the table.
+// slots as a window tracks tags, so its counters fill at most half of it
+// (overflow markers, made only while inserts race the window filling up,
+// take slots beyond that), and a lookup reads at most maxProbe slots: a tag
+// whose first maxProbe slots are taken by other tags goes to OtherTag. With
+// a seeded hash such a run is rare but not impossible: with 1,024 tags in a
+// window, about 3 windows in 1,000 send one of their tags to OtherTag that
+// way. The bound caps what a flood of new tags costs: at most maxProbe slot
+// reads, never a scan of the table.
 const (
 	tableSize = 2 * MaxWindowTags // a power of two
 	maxProbe  = 32
@@ -81,13 +83,24 @@ const (
 //     twice or lost.
 //  8. A sample's writes are plain adds and compare-and-swaps on memory the
 //     window owns; none waits for another writer, and the cut waits only for
-//     reservations already taken, each a few instructions long.
+//     reservations already taken, which never wait themselves.
+//  9. Shed turns are not sealed with the counts. A tag's sequence is the
+//     policy index's own for a tag with a shed percent of its own (for the
+//     policy's life), else the tag counter's turns in the window that
+//     tracks it, else the index's rest (policyIndex.turnsFor). A Gate takes
+//     its turn, then counts; one whose count finds the window sealed counts
+//     in the next window with the decision its turn gave. So each sequence
+//     sheds exactly ⌊k·p⌋ of its first k turns, but a window's count of one
+//     tag can hold turns of the window before and miss turns counted in the
+//     next: its sheds s among its n calls that passed the weight check keep
+//     |s − n·p| < 1 + g, g being the Gates of the tag that were between
+//     their turn and their count at the window's two cuts.
 const sealBit = 1 << 63
 
 // window counts Gate calls, health samples and metric samples between two
-// pulses. Lookups and counting never allocate; a tag is registered with one
-// allocation the first time the window sees it, and its health and metrics
-// with one allocation each on their first sample.
+// pulses. Lookups and counting never allocate; a tag is registered the
+// first time the window sees it (its counter and a copy of its name), and
+// its health and metrics are allocated on their first sample.
 type window struct {
 	seed  uint64
 	start time.Duration // client clock when the window opened
@@ -459,7 +472,7 @@ func (w *window) drain() {
 		s := &w.writers[i]
 		n := s.begun.Or(sealBit) &^ sealBit
 		for spins := 0; s.ended.Load() < n; spins++ {
-			// A writer holds a reservation for a few instructions; if it
+			// A writer holds a reservation briefly and never waits; if it
 			// was descheduled inside them, let it run.
 			if spins < 100 {
 				runtime.Gosched()

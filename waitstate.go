@@ -278,7 +278,8 @@ type Stats struct {
 	// policy would have denied.
 	Shadow bool
 	// HealthRequests and HealthErrors count the health samples (Observe,
-	// ObserveTag, timers, the middleware) in the windows already sent, and
+	// ObserveTag, timers, the middleware) in the windows already cut (sent,
+	// or waiting to be), and
 	// those of them that failed.
 	HealthRequests, HealthErrors uint64
 	// LocalRulesFired names the reflex rules fired by the client's own
@@ -298,8 +299,8 @@ type TagStats struct {
 	Bounced uint64 // calls denied (in shadow mode: that would have been)
 }
 
-// TagStats returns tag's counts in the windows already sent (the live
-// window joins them at the next pulse). The client keeps the totals of the
+// TagStats returns tag's counts in the windows already cut, sent or
+// waiting to be (the live window joins them at the next cut). The client keeps the totals of the
 // first MaxWindowTags tags it counts; later tags add to OtherTag's.
 func (c *Client) TagStats(tag string) TagStats {
 	c.mu.Lock()
