@@ -317,3 +317,49 @@ func TestLeaseRunsOnTheClientClock(t *testing.T) {
 	clk.advance(20 * time.Millisecond)
 	eventually(t, func() bool { return c.Mode() == ModeSafeMode }, "safe mode once the clock passes the lease")
 }
+
+// TestShedBoundPerWindow: with gaters running while windows are cut, a
+// window's sheds of a tag stay within 1 + g of n·p (invariant 9; g is at
+// most one Gate per gater at each of the window's two cuts), and a tag
+// with a shed percent of its own sheds exactly ⌊N·p⌋ of all N calls, its
+// sequence running on across windows.
+func TestShedBoundPerWindow(t *testing.T) {
+	const gaters = 4
+	c := idleClient(t, nil, &Policy{Version: 1, GlobalMaxWeight: 5, GlobalShedPercent: 20, TagShedPercents: map[string]float64{"pro": 30}})
+	var stop atomic.Bool
+	var calls atomic.Uint64
+	var wg sync.WaitGroup
+	for range gaters {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; !stop.Load(); i++ {
+				if calls.Add(1)%64 == 0 {
+					runtime.Gosched()
+				}
+				c.Gate([]string{"pro", "std"}[i%2], 1)
+			}
+		}()
+	}
+	var pulses []pulseJSON
+	for range 100 {
+		awaitCalls(t, &calls, 200)
+		pulses = append(pulses, cutPulse(t, c, false))
+	}
+	stop.Store(true)
+	wg.Wait()
+	pulses = append(pulses, cutPulse(t, c, true))
+	pct := map[string]float64{"pro": 0.3, "std": 0.2}
+	var proCalls, proShed uint64
+	for _, p := range pulses {
+		for tag, tc := range p.Tags {
+			n, s := tc.Usage+tc.Bounced, tc.Bounced
+			assert.Less(t, math.Abs(float64(s)-float64(n)*pct[tag]), float64(1+2*gaters), "%s: %d of %d shed in pulse %d", tag, s, n, p.Seq)
+			if tag == "pro" {
+				proCalls, proShed = proCalls+n, proShed+s
+			}
+		}
+	}
+	assert.Equal(t, proCalls*300_000/1_000_000, proShed, "⌊N·p⌋ of all %d calls", proCalls)
+	assert.Greater(t, proCalls, uint64(5000), "the gaters ran")
+}
