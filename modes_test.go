@@ -23,6 +23,20 @@ func shedPattern(c *Client, tag string, weight float64, n int) []bool {
 	return out
 }
 
+// shedAlternating gates one call of each tag in turn, rounds times, and
+// returns how many of each tag's calls were shed.
+func shedAlternating(c *Client, rounds int, tags ...string) map[string]int {
+	shed := map[string]int{}
+	for range rounds {
+		for _, tag := range tags {
+			if c.Gate(tag, 1).Reason == ReasonThrottled {
+				shed[tag]++
+			}
+		}
+	}
+	return shed
+}
+
 // TestShedEven: among the first k calls of a tag that pass the weight
 // check, exactly ⌊k·p/100⌋ are shed, for every k: sheds are spread evenly,
 // never in bursts.
@@ -83,15 +97,7 @@ func TestShedOwnSequenceUnderOther(t *testing.T) {
 		c.Gate(fmt.Sprint("filler-", i), 1e9) // denied by weight: no turn taken
 	}
 	require.Nil(t, c.win.find("a"), "the window is full: a and b go under OtherTag")
-	shed := map[string]int{}
-	for range 1000 {
-		for _, tag := range []string{"a", "b"} {
-			if c.Gate(tag, 1).Reason == ReasonThrottled {
-				shed[tag]++
-			}
-		}
-	}
-	assert.Equal(t, map[string]int{"a": 500, "b": 500}, shed)
+	assert.Equal(t, map[string]int{"a": 500, "b": 500}, shedAlternating(c, 1000, "a", "b"))
 	require.Nil(t, c.win.find("a"))
 }
 
@@ -122,15 +128,7 @@ func TestShedAfterShutdown(t *testing.T) {
 	_ = c.Shutdown(ctx) // nothing listens: the flush fails at once
 	before := c.Stats()
 	assert.Equal(t, GateResult{false, false, ReasonThrottled, 5}, c.Gate("blocked", 1))
-	shed := map[string]int{}
-	for range 100 {
-		for _, tag := range []string{"half", "unnamed"} {
-			if c.Gate(tag, 1).Reason == ReasonThrottled {
-				shed[tag]++
-			}
-		}
-	}
-	assert.Equal(t, map[string]int{"half": 50, "unnamed": 50}, shed)
+	assert.Equal(t, map[string]int{"half": 50, "unnamed": 50}, shedAlternating(c, 100, "half", "unnamed"))
 	after := c.Stats()
 	assert.Equal(t, before.Usage, after.Usage, "nothing counted")
 	assert.Equal(t, before.Bounced, after.Bounced)

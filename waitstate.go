@@ -279,8 +279,7 @@ type Stats struct {
 	Shadow bool
 	// HealthRequests and HealthErrors count the health samples (Observe,
 	// ObserveTag, timers, the middleware) in the windows already cut (sent,
-	// or waiting to be), and
-	// those of them that failed.
+	// or waiting to be), and those of them that failed.
 	HealthRequests, HealthErrors uint64
 	// LocalRulesFired names the reflex rules fired by the client's own
 	// evaluation (SafeModeLocalRules, in safe mode), sorted; empty
@@ -300,8 +299,9 @@ type TagStats struct {
 }
 
 // TagStats returns tag's counts in the windows already cut, sent or
-// waiting to be (the live window joins them at the next cut). The client keeps the totals of the
-// first MaxWindowTags tags it counts; later tags add to OtherTag's.
+// waiting to be (the live window joins them at the next cut). The client
+// keeps the totals of the first MaxWindowTags tags it counts; later tags
+// add to OtherTag's.
 func (c *Client) TagStats(tag string) TagStats {
 	c.mu.Lock()
 	defer c.mu.Unlock()

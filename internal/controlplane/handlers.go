@@ -441,13 +441,14 @@ func (s *Server) handlePolicy(w http.ResponseWriter, r *http.Request) {
 	}
 	key, site := r.Header.Get(wire.HeaderKey), r.Header.Get(wire.HeaderSite)
 	cfg := s.resolve(site)
-	st, ok := s.lockSite(key, site, s.now())
+	now := s.now()
+	st, ok := s.lockSite(key, site, now)
 	if !ok {
 		s.tooManySites(w)
 		return
 	}
 	raw, _, block, ok := st.policy(cfg)
-	pulseEvery := st.pulseInterval(cfg, s.now())
+	pulseEvery := st.pulseInterval(cfg, now)
 	st.mu.Unlock()
 	if !ok {
 		s.fail(w, http.StatusNotFound, 0)

@@ -50,9 +50,15 @@ type tenant struct {
 // another site is refused until an idle one is forgotten.
 const maxSites = 1024
 
+// blank is the state of a site of t that nothing has asked for before
+// now. Call with t.mu held.
+func (t *tenant) blank(now time.Time) *siteState {
+	return &siteState{firing: map[string]*reflex.State{}, instances: map[string]*instance{}, bumps: t.floor, asked: now}
+}
+
 // newSite makes the state of a site of t. Call with t.mu held.
 func (t *tenant) newSite(name string, now time.Time) *siteState {
-	st := &siteState{firing: map[string]*reflex.State{}, instances: map[string]*instance{}, bumps: t.floor, asked: now}
+	st := t.blank(now)
 	t.sites[name] = st
 	return st
 }
@@ -66,7 +72,7 @@ func (t *tenant) peek(name string) *siteState {
 	if st := t.sites[name]; st != nil {
 		return st
 	}
-	return &siteState{firing: map[string]*reflex.State{}, instances: map[string]*instance{}, bumps: t.floor}
+	return t.blank(time.Time{})
 }
 
 // lockSite returns the state of a site of key for a request, locked,
