@@ -29,12 +29,14 @@ const (
 // The tag table is open-addressed with linear probing. It has twice as many
 // slots as a window tracks tags, so its counters fill at most half of it
 // (overflow markers, made only while inserts race the window filling up,
-// take slots beyond that), and a lookup reads at most maxProbe slots: a tag
-// whose first maxProbe slots are taken by other tags goes to OtherTag. With
-// a seeded hash such a run is rare but not impossible: with 1,024 tags in a
-// window, about 3 windows in 1,000 send one of their tags to OtherTag that
-// way. The bound caps what a flood of new tags costs: at most maxProbe slot
-// reads, never a scan of the table.
+// take slots beyond that). While the window has places left, a tag probes
+// until it finds itself or an empty slot, so every one of a window's first
+// MaxWindowTags tags gets a place however long its run. Once the window is
+// full, a lookup reads at most max(maxProbe, reach) slots, reach being the
+// longest probe any of the window's tags took: a flood of new tags then
+// costs that many slot reads each, never a scan of the table. With a seeded
+// hash, reach exceeds maxProbe in about 3 windows in 1,000 that hold 1,024
+// tags.
 const (
 	tableSize = 2 * MaxWindowTags // a power of two
 	maxProbe  = 32
@@ -56,11 +58,17 @@ const (
 //     sticky and an insert counts itself in flight before it asks for a
 //     place, so once the window is full and nothing is in flight the table
 //     cannot gain a counter, and a tag not found in it is settled under
-//     OtherTag without a marker (window.settle). A tag whose first maxProbe
-//     slots are taken stays so: slots never empty (invariant 1). Two
-//     inserts of one tag that race may both hold a place until the loser
-//     gives its back; if the window fills meanwhile it tracks one tag fewer
-//     than MaxWindowTags.
+//     OtherTag without a marker (window.settle). Every place is taken at
+//     the first empty slot of the tag's probe and slots never empty
+//     (invariant 1), so a lookup that reaches an empty slot has seen every
+//     entry the tag can have. A lookup stops before one only when it has
+//     read every slot, or when the window is full and nothing is in flight
+//     and it has read max(maxProbe, reach) slots: an insert raises reach to
+//     cover its slot before the compare-and-swap that stores it and ends
+//     its flight after it, so reach is final by then and no counter lies
+//     beyond it (window.stopped). Two inserts of one tag that race may both
+//     hold a place until the loser gives its back; if the window fills
+//     meanwhile it tracks one tag fewer than MaxWindowTags.
 //  3. Publish before seal: the cut publishes the view of the new window
 //     before it seals anything of the old one (Client.cut). A writer that
 //     finds the old window sealed reloads the view and finds the new one.
@@ -111,6 +119,7 @@ type window struct {
 	n        atomic.Int32 // places taken, at most MaxWindowTags
 	full     atomic.Bool  // a tag was refused a place: no more are given
 	inflight atomic.Int32 // inserts holding a place, not yet in a slot or given back
+	reach    atomic.Int32 // the longest probe an entry took, counting its slot, once past maxProbe
 	other    tagCounter   // OtherTag
 	site     tagCounter   // samples with no tag of their own: Observe, Record("")
 
@@ -246,7 +255,7 @@ func (w *window) lookupHashed(tag string, h uint64, hashed bool, x *policyIndex)
 	}
 	i := h & (tableSize - 1)
 	var fresh *tagCounter
-	for probe := range maxProbe {
+	for probe := 0; probe < maxProbe || !w.stopped(probe); probe++ {
 		c := w.slots[i].Load()
 		if c == nil {
 			if fresh == nil {
@@ -257,6 +266,9 @@ func (w *window) lookupHashed(tag string, h uint64, hashed bool, x *policyIndex)
 					}
 					return w.settle(tag, h, i, probe)
 				}
+			}
+			if probe >= maxProbe {
+				w.reached(probe)
 			}
 			if w.slots[i].CompareAndSwap(nil, fresh) {
 				w.inserted(fresh)
@@ -278,6 +290,23 @@ func (w *window) lookupHashed(tag string, h uint64, hashed bool, x *policyIndex)
 	return &w.other
 }
 
+// stopped reports whether a lookup that has read probe slots, none empty,
+// may stop: when it has read them all, or when the window is full, no
+// insert is in flight and no entry lies further along a probe than this
+// (invariant 2). Only runs longer than maxProbe ask.
+func (w *window) stopped(probe int) bool {
+	return probe >= tableSize ||
+		w.full.Load() && w.inflight.Load() == 0 && probe >= int(w.reach.Load())
+}
+
+// reached raises reach to cover an entry about to be stored at the probe-th
+// slot of its probe, past maxProbe (invariant 2).
+func (w *window) reached(probe int) {
+	for r := w.reach.Load(); int(r) <= probe && !w.reach.CompareAndSwap(r, int32(probe+1)); {
+		r = w.reach.Load()
+	}
+}
+
 // find returns tag's own counter in w, or nil when w does not track it
 // (not seen yet, counted under OtherTag, or never stored). It registers
 // nothing: a reader off the Gate path uses it.
@@ -287,7 +316,7 @@ func (w *window) find(tag string) *tagCounter {
 		return nil
 	}
 	i := h & (tableSize - 1)
-	for range maxProbe {
+	for probe := 0; probe < maxProbe || !w.stopped(probe); probe++ {
 		c := w.slots[i].Load()
 		switch {
 		case c == nil || c == sealedSlot:
@@ -361,7 +390,7 @@ func (w *window) reserve() bool {
 // The probe goes on from slot i, its probe-th, found empty by lookup: the
 // slots before it were taken by other tags and never change (invariant 1).
 func (w *window) settle(tag string, h uint64, i uint64, probe int) *tagCounter {
-	for range maxProbe - probe {
+	for ; probe < maxProbe || !w.stopped(probe); probe++ {
 		c := w.slots[i].Load()
 		switch {
 		case c == nil:

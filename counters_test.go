@@ -3,6 +3,7 @@ package waitstate
 import (
 	"fmt"
 	"math"
+	"runtime"
 	"sync"
 	"testing"
 	"time"
@@ -77,6 +78,102 @@ func TestWindowConcurrentRegistration(t *testing.T) {
 			assert.Equal(t, tagCount{Usage: 4, Bounced: 4}, tc, tag)
 		}
 	}
+}
+
+// collidingTags returns n tags whose probes, under seed, all start within
+// the first few slots of the table, so that together they make one run
+// longer than maxProbe.
+func collidingTags(seed uint64, n int) []string {
+	var tags []string
+	for i := 0; len(tags) < n; i++ {
+		tag := fmt.Sprintf("run-%d", i)
+		if tagHash(seed, tag)&(tableSize-1) < 4 {
+			tags = append(tags, tag)
+		}
+	}
+	return tags
+}
+
+func TestWindowLongRunKeepsEveryTag(t *testing.T) {
+	const seed = 11
+	w := newWindow(seed, 0)
+	p := newPolicyIndex(DefaultPolicy(), 0)
+	run := collidingTags(seed, 3*maxProbe)
+	for _, tag := range run {
+		require.True(t, w.lookup(tag, p).add(ReasonAllowed), tag)
+	}
+	// Fill the window with other tags: the run's tags keep their places.
+	for i := 0; w.n.Load() < MaxWindowTags; i++ {
+		w.lookup(fmt.Sprintf("fill-%d", i), p).add(ReasonAllowed)
+	}
+	require.True(t, w.lookup("one-too-many", p).add(ReasonAllowed))
+	require.True(t, w.full.Load())
+	assert.Greater(t, int(w.reach.Load()), 2*maxProbe, "the run reaches past maxProbe")
+	for _, tag := range run {
+		c := w.lookup(tag, p)
+		require.True(t, c.add(ReasonAllowed), tag)
+		assert.Same(t, c, w.find(tag), tag)
+		assert.NotSame(t, &w.other, c, "%s, one of the window's first tags, went to %s", tag, OtherTag)
+	}
+	// A new tag in the full window goes to OtherTag, even one whose probe
+	// starts in the run.
+	late := collidingTags(seed, 3*maxProbe+1)[3*maxProbe]
+	assert.Same(t, &w.other, w.lookup(late, p))
+	assert.Nil(t, w.find(late))
+
+	got := w.report()
+	assert.Len(t, got.tags, MaxWindowTags+1)
+	for _, tag := range run {
+		assert.Equal(t, tagCount{Usage: 2}, got.tags[tag], tag)
+	}
+	assert.Equal(t, tagCount{Usage: 1}, got.tags[OtherTag])
+}
+
+func TestWindowLongRunsUnderRace(t *testing.T) {
+	// Eight goroutines register the same tags, half of them in the
+	// opposite order, while the window fills: runs longer than maxProbe
+	// form as it does. Every tag is counted in one place, its own counter
+	// or OtherTag's, and the window still tracks all but a few of its
+	// places' worth of tags.
+	const seed, gaters, calls = 5, 8, 3
+	run := collidingTags(seed, 4*maxProbe)
+	tags := append([]string(nil), run...)
+	for i := range MaxWindowTags {
+		tags = append(tags, fmt.Sprintf("fill-%d", i))
+	}
+	w := newWindow(seed, 0)
+	p := newPolicyIndex(DefaultPolicy(), 0)
+	var wg sync.WaitGroup
+	for g := range gaters {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for c := range calls {
+				for k := range tags {
+					j := k
+					if g%2 == 1 {
+						j = len(tags) - 1 - k
+					}
+					assert.True(t, w.lookup(tags[j], p).add(ReasonAllowed))
+					if k%64 == c {
+						runtime.Gosched()
+					}
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	got := w.report()
+	var own uint64
+	for tag, tc := range got.tags {
+		if tag != OtherTag {
+			assert.Equal(t, tagCount{Usage: gaters * calls}, tc, tag)
+			own += tc.Usage
+		}
+	}
+	assert.Equal(t, uint64(gaters*calls*len(tags)), own+got.tags[OtherTag].Usage)
+	assert.LessOrEqual(t, len(got.tags)-1, MaxWindowTags)
+	assert.GreaterOrEqual(t, len(got.tags)-1, MaxWindowTags-gaters+1)
 }
 
 func TestSealedCounterRefusesAdds(t *testing.T) {

@@ -338,8 +338,8 @@ func TestWindowMemory(t *testing.T) {
 	runtime.KeepAlive(tags)
 }
 
-// TestTagFloodProbeIsBounded: once a window is full, a new tag reads at
-// most maxProbe slots, whatever the table holds.
+// TestTagFloodProbeIsBounded: once a window is full and nothing is in
+// flight, a flood of new tags stores nothing more.
 func TestTagFloodProbeIsBounded(t *testing.T) {
 	w := newWindow(5, 0)
 	p := newPolicyIndex(DefaultPolicy(), 0)
