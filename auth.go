@@ -241,7 +241,7 @@ type leaseResponse struct {
 // Bounds of what a response can set.
 const (
 	maxLease       = 7 * 24 * time.Hour // so that a huge leaseTtlMs cannot overflow
-	minIntervalSet = 100 * time.Millisecond
+	minIntervalSet = MinInterval
 	maxIntervalSet = 10 * time.Minute
 )
 

@@ -50,7 +50,7 @@ func TestCountExactSharedInstanceID(t *testing.T) {
 	var clients [2]*Client
 	var results [2]func() (uint64, uint64, map[string]controlplane.TagCount)
 	stop := make(chan struct{})
-	for i, every := range []time.Duration{50 * time.Millisecond, 70 * time.Millisecond} {
+	for i, every := range []time.Duration{MinInterval, 140 * time.Millisecond} {
 		opts := testOptions(cp)
 		opts.InstanceID = "web"
 		opts.PulseInterval = every

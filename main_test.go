@@ -95,8 +95,8 @@ func testOptions(cp *controlplane.Server) Options {
 		PublishKey:    testPublishKey,
 		SecretKey:     testSecretKey,
 		BaseURL:       cp.URL,
-		PulseInterval: 50 * time.Millisecond,
-		SyncInterval:  100 * time.Millisecond,
+		PulseInterval: MinInterval,
+		SyncInterval:  MinInterval,
 	}
 }
 

@@ -20,6 +20,12 @@ const (
 	DefaultSafeModeMaxRPS = 50
 )
 
+// MinInterval is the shortest PulseInterval or SyncInterval New accepts,
+// and the shortest a control plane can set: a shorter cadence would spend
+// the service's CPU and the control plane's capacity on requests, not
+// protection.
+const MinInterval = 100 * time.Millisecond
+
 // Options configures a Client. The zero value of every optional field
 // selects its default; New refuses invalid values instead of clamping them.
 type Options struct {
@@ -44,11 +50,13 @@ type Options struct {
 	SiteID string
 
 	// PulseInterval is the time between two pulses of telemetry.
-	// If zero, DefaultPulseInterval. Negative is an error.
+	// If zero, DefaultPulseInterval. Less than MinInterval, negative
+	// included, is an error.
 	PulseInterval time.Duration
 
 	// SyncInterval is the time between two policy fetches.
-	// If zero, DefaultSyncInterval. Negative is an error.
+	// If zero, DefaultSyncInterval. Less than MinInterval, negative
+	// included, is an error.
 	SyncInterval time.Duration
 
 	// SafeModeMaxRPS is the rate of SafeModeFixedRPS: admissions per second
@@ -229,11 +237,11 @@ func (o Options) withDefaults() (Options, *url.URL, error) {
 	if len(o.SiteID) > maxSiteIDLen || !validHeaderValue(o.SiteID) {
 		return o, nil, optionError("SiteID must be at most %d bytes of printable ASCII without spaces", maxSiteIDLen)
 	}
-	if o.PulseInterval < 0 {
-		return o, nil, optionError("PulseInterval is negative (%v)", o.PulseInterval)
+	if o.PulseInterval != 0 && o.PulseInterval < MinInterval {
+		return o, nil, optionError("PulseInterval %v is less than MinInterval (%v)", o.PulseInterval, MinInterval)
 	}
-	if o.SyncInterval < 0 {
-		return o, nil, optionError("SyncInterval is negative (%v)", o.SyncInterval)
+	if o.SyncInterval != 0 && o.SyncInterval < MinInterval {
+		return o, nil, optionError("SyncInterval %v is less than MinInterval (%v)", o.SyncInterval, MinInterval)
 	}
 	if o.SnapshotMaxAge < 0 {
 		return o, nil, optionError("SnapshotMaxAge is negative (%v)", o.SnapshotMaxAge)

@@ -29,6 +29,8 @@ func TestNewRefusesInvalidOptions(t *testing.T) {
 		{"base URL with query", func(o *Options) { o.BaseURL = "http://example.com/?a=1" }, "query"},
 		{"negative pulse interval", func(o *Options) { o.PulseInterval = -time.Second }, "PulseInterval"},
 		{"negative sync interval", func(o *Options) { o.SyncInterval = -1 }, "SyncInterval"},
+		{"pulse interval of 20 ns", func(o *Options) { o.PulseInterval = 20 }, "PulseInterval 20ns is less than MinInterval (100ms)"},
+		{"sync interval of 99 ms", func(o *Options) { o.SyncInterval = 99 * time.Millisecond }, "SyncInterval 99ms is less than MinInterval (100ms)"},
 		{"site too long", func(o *Options) { o.SiteID = strings.Repeat("s", 257) }, "SiteID"},
 		{"site with control character", func(o *Options) { o.SiteID = "eu\r1" }, "SiteID"},
 		{"instance with space", func(o *Options) { o.InstanceID = "pod 3" }, "InstanceID"},
