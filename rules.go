@@ -44,13 +44,14 @@ type Rule struct {
 	Threshold float64 `json:"threshold"`
 	// TagName is the tag the action applies to; "" is every tag.
 	TagName string `json:"tagName"`
-	// Action is "block" (shed every call), "throttle" (admit Percent % of
-	// the calls, shed the rest) or "cap" (lower the weight limit to
-	// MaxWeight). "" with a MaxWeight is a cap.
+	// Action is "block" (shed every call), "throttle" (admit AdmitPercent %
+	// of the calls, shed the rest) or "cap" (lower the weight limit to
+	// MaxWeight). "" with a MaxWeight above 0 is a cap.
 	Action string `json:"action,omitempty"`
-	// Percent is a throttle's share of calls admitted, 0 to 100 (not the
-	// share shed: a throttle at 20 sheds 80 %).
-	Percent float64 `json:"percent,omitempty"`
+	// AdmitPercent is the share of calls a throttle admits, above 0 and at
+	// most 100. It is not a shed percent: a throttle admitting 20 puts 80
+	// in the policy's TagShedPercents. Its JSON key is "percent".
+	AdmitPercent float64 `json:"percent,omitempty"`
 	// MaxWeight is a cap's weight limit.
 	MaxWeight float64 `json:"maxWeight,omitempty"`
 	// CooldownSeconds is how long the metric must stay on the good side
@@ -59,8 +60,8 @@ type Rule struct {
 }
 
 // Validate reports what is wrong with r, if anything: an unknown metric,
-// operator or action, a throttle's percent outside [0, 100], a negative
-// weight limit or cooldown, no name.
+// operator or action, no action and no MaxWeight, a throttle's AdmitPercent
+// outside (0, 100], a negative weight limit or cooldown, no name.
 func (r Rule) Validate() error {
 	if err := r.internal().Validate(); err != nil {
 		return fmt.Errorf("waitstate: %w", err)
@@ -74,7 +75,7 @@ func (r Rule) MarshalJSON() ([]byte, error) { return json.Marshal(r.internal()) 
 
 func (r Rule) internal() reflex.Rule {
 	return reflex.Rule{Name: r.Name, MetricTag: r.MetricTag, Metric: reflex.Metric(r.Metric), Operator: r.Operator,
-		Threshold: r.Threshold, TagName: r.TagName, Action: reflex.Action(r.Action), Percent: r.Percent, MaxWeight: r.MaxWeight,
+		Threshold: r.Threshold, TagName: r.TagName, Action: reflex.Action(r.Action), AdmitPercent: r.AdmitPercent, MaxWeight: r.MaxWeight,
 		CooldownSeconds: r.CooldownSeconds}
 }
 

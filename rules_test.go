@@ -22,7 +22,7 @@ var protectRules = []controlplane.Rule{
 	{Name: "protect-enterprise", MetricTag: "enterprise", Metric: controlplane.MetricLatencyP95, Operator: ">", Threshold: 300,
 		TagName: "free", Action: controlplane.ActionBlock, CooldownSeconds: 2},
 	{Name: "throttle-pro", MetricTag: "enterprise", Metric: controlplane.MetricLatencyP95, Operator: ">", Threshold: 300,
-		TagName: "pro", Action: controlplane.ActionThrottle, Percent: 50, CooldownSeconds: 2},
+		TagName: "pro", Action: controlplane.ActionThrottle, AdmitPercent: 50, CooldownSeconds: 2},
 }
 
 // TestProtocolRulesTravelWithThePolicy: every answer of a site with rules
@@ -39,7 +39,7 @@ func TestProtocolRulesTravelWithThePolicy(t *testing.T) {
 
 	want := []Rule{
 		{Name: "protect-enterprise", MetricTag: "enterprise", Metric: "latency_p95_ms", Operator: ">", Threshold: 300, TagName: "free", Action: "block", CooldownSeconds: 2},
-		{Name: "throttle-pro", MetricTag: "enterprise", Metric: "latency_p95_ms", Operator: ">", Threshold: 300, TagName: "pro", Action: "throttle", Percent: 50, CooldownSeconds: 2},
+		{Name: "throttle-pro", MetricTag: "enterprise", Metric: "latency_p95_ms", Operator: ">", Threshold: 300, TagName: "pro", Action: "throttle", AdmitPercent: 50, CooldownSeconds: 2},
 	}
 	assert.Equal(t, want, c.Rules())
 	got := c.Rules()
@@ -181,8 +181,10 @@ func TestRuleJSONRoundTrip(t *testing.T) {
 		"name too long":   {Name: strings.Repeat("n", MaxTagNameBytes+1), Metric: "error_rate", Operator: ">", Action: "block"},
 		"unknown metric":  {Name: "x", Metric: "cpu", Operator: ">", Action: "block"},
 		"unknown action":  {Name: "x", Metric: "error_rate", Operator: ">", Action: "drop"},
-		"percent over":    {Name: "x", Metric: "error_rate", Operator: ">", Action: "throttle", Percent: 101},
+		"percent over":    {Name: "x", Metric: "error_rate", Operator: ">", Action: "throttle", AdmitPercent: 101},
 		"negative weight": {Name: "x", Metric: "error_rate", Operator: ">", MaxWeight: -1},
+		"no action":       {Name: "x", Metric: "error_rate", Operator: ">"},
+		"admitting 0":     {Name: "x", Metric: "error_rate", Operator: ">", Action: "throttle"},
 	} {
 		err := bad.Validate()
 		require.Error(t, err, name)

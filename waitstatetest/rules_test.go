@@ -64,7 +64,7 @@ func observeUntil(c *waitstate.Client, latency time.Duration, stop <-chan struct
 
 var shedFree = waitstatetest.Rule{
 	Name: "shed-free-on-latency", TagName: "free", Metric: waitstatetest.MetricLatencyP95,
-	Operator: "gt", Threshold: 200, MaxWeight: 0, CooldownSeconds: 1,
+	Operator: "gt", Threshold: 200, Action: waitstatetest.ActionCap, MaxWeight: 0, CooldownSeconds: 1,
 }
 
 // TestRuleShedsWithinTwoPulsesAndClearsAfterCooldown: a rule fires on the
@@ -259,7 +259,7 @@ func TestRulesProtectATier(t *testing.T) {
 		waitstatetest.Rule{Name: "block-free", MetricTag: "enterprise", Metric: waitstatetest.MetricLatencyP95,
 			Operator: ">", Threshold: 300, TagName: "free", Action: waitstatetest.ActionBlock, CooldownSeconds: 0.5},
 		waitstatetest.Rule{Name: "throttle-pro", MetricTag: "enterprise", Metric: waitstatetest.MetricLatencyP95,
-			Operator: ">", Threshold: 300, TagName: "pro", Action: waitstatetest.ActionThrottle, Percent: 50, CooldownSeconds: 0.5},
+			Operator: ">", Threshold: 300, TagName: "pro", Action: waitstatetest.ActionThrottle, AdmitPercent: 50, CooldownSeconds: 0.5},
 	))
 	c := start(t, srv, "")
 	var slow atomic.Bool

@@ -95,6 +95,19 @@ func TestRuleJSON(t *testing.T) {
 	var r waitstatetest.Rule
 	assert.Error(t, json.Unmarshal([]byte(`{"name": "x", "metric": "rps", "operator": ">", "threshold": 1, "action": "throttle"}`), &r),
 		"a throttle without a percent")
+	err := json.Unmarshal([]byte(`{"name": "x", "metric": "rps", "operator": ">", "threshold": 1, "action": "block", "tag_name": "free"}`), &r)
+	require.Error(t, err, "a misspelled key")
+	assert.Contains(t, err.Error(), `unknown keys "tag_name"`)
+	require.NoError(t, json.Unmarshal([]byte(`{"name": "t", "metric": "rps", "operator": ">", "threshold": 1, "action": "throttle", "admitPercent": 20}`), &r))
+	assert.Equal(t, 20.0, r.AdmitPercent)
+
+	// A rule built in Go says what it does: the zero values of Action and
+	// AdmitPercent are not a block.
+	assert.ErrorContains(t, waitstatetest.Rule{Name: "x", Metric: waitstatetest.MetricErrorRate, Operator: ">"}.Validate(), "no action")
+	assert.ErrorContains(t, waitstatetest.Rule{Name: "x", Metric: waitstatetest.MetricErrorRate, Operator: ">",
+		Action: waitstatetest.ActionThrottle}.Validate(), "a throttle admits more than 0")
+	assert.NoError(t, waitstatetest.Rule{Name: "x", Metric: waitstatetest.MetricErrorRate, Operator: ">",
+		Action: waitstatetest.ActionCap}.Validate(), "a cap at 0 that says so")
 	srv := waitstatetest.NewTestServer(t)
 	assert.Error(t, srv.SetRules("", waitstatetest.Rule{Name: "x", Metric: "latency_p90_ms", Operator: ">", Action: waitstatetest.ActionBlock}))
 }

@@ -31,7 +31,7 @@ type Action string
 // MaxWeight.
 const (
 	ActionBlock    Action = "block"    // shed every call of the tag
-	ActionThrottle Action = "throttle" // admit Percent % of the tag's calls, shed the rest
+	ActionThrottle Action = "throttle" // admit AdmitPercent % of the tag's calls, shed the rest
 	ActionCap      Action = "cap"      // lower the tag's weight limit to MaxWeight
 )
 
@@ -48,7 +48,10 @@ const (
 //	 "operator": ">", "threshold": 300, "tagName": "free", "action": "block", "cooldownSeconds": 30}
 //
 // A rule with "maxWeight" and no "action" is a cap; "gt", "gte", "lt" and
-// "lte" are accepted for the operators.
+// "lte" are accepted for the operators. A throttle's AdmitPercent is the
+// share it admits, "percent" in JSON ("admitPercent" is read too); the
+// policy's shed percents are the share shed, so a throttle admitting 20
+// sheds 80 %. A key the schema does not have is an error that names it.
 type Rule struct {
 	Name            string  `json:"name"`
 	MetricTag       string  `json:"metricTag,omitempty"`
@@ -57,13 +60,14 @@ type Rule struct {
 	Threshold       float64 `json:"threshold"`
 	TagName         string  `json:"tagName"`
 	Action          Action  `json:"action,omitempty"`
-	Percent         float64 `json:"percent,omitempty"`   // ActionThrottle: the share admitted, 0 to 100
+	AdmitPercent    float64 `json:"percent,omitempty"`   // ActionThrottle: the share admitted, above 0, at most 100
 	MaxWeight       float64 `json:"maxWeight,omitempty"` // ActionCap: the weight limit
 	CooldownSeconds float64 `json:"cooldownSeconds"`
 }
 
-// UnmarshalJSON reads a rule in the schema above, refusing one that says
-// neither what to do nor a weight limit, and a throttle without a percent.
+// UnmarshalJSON reads a rule in the schema above, refusing a key the schema
+// does not have, a rule that says neither what to do nor a weight limit,
+// and a throttle without a percent.
 func (r *Rule) UnmarshalJSON(data []byte) error {
 	var cr controlplane.Rule
 	if err := json.Unmarshal(data, &cr); err != nil {
@@ -78,13 +82,13 @@ func (r Rule) Validate() error { return r.internal().Validate() }
 
 func (r Rule) internal() controlplane.Rule {
 	return controlplane.Rule{Name: r.Name, MetricTag: r.MetricTag, Metric: controlplane.Metric(r.Metric), Operator: r.Operator,
-		Threshold: r.Threshold, TagName: r.TagName, Action: controlplane.Action(r.Action), Percent: r.Percent, MaxWeight: r.MaxWeight,
+		Threshold: r.Threshold, TagName: r.TagName, Action: controlplane.Action(r.Action), AdmitPercent: r.AdmitPercent, MaxWeight: r.MaxWeight,
 		CooldownSeconds: r.CooldownSeconds}
 }
 
 func ruleFrom(r controlplane.Rule) Rule {
 	return Rule{Name: r.Name, MetricTag: r.MetricTag, Metric: Metric(r.Metric), Operator: r.Operator, Threshold: r.Threshold,
-		TagName: r.TagName, Action: Action(r.Action), Percent: r.Percent, MaxWeight: r.MaxWeight, CooldownSeconds: r.CooldownSeconds}
+		TagName: r.TagName, Action: Action(r.Action), AdmitPercent: r.AdmitPercent, MaxWeight: r.MaxWeight, CooldownSeconds: r.CooldownSeconds}
 }
 
 // Faults script how the control plane misbehaves. The zero value is a

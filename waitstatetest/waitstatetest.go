@@ -189,7 +189,7 @@ func (s *Server) Policy(site string) (*waitstate.Policy, bool) {
 // the site's pulses of the last RuleWindow: a rule measures its Metric on
 // its MetricTag's traffic ("" is the whole site) and, while the metric is on
 // the wrong side of its Threshold, applies its Action to its TagName ("" is
-// every tag): ActionBlock sheds every call, ActionThrottle admits Percent %,
+// every tag): ActionBlock sheds every call, ActionThrottle admits AdmitPercent %,
 // ActionCap (or no action) lowers the weight limit to MaxWeight. Each change
 // raises the policy's version. A rule clears after its metric has stayed
 // good for its cooldown. Rules unmarshal from JSON:

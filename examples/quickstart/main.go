@@ -122,7 +122,7 @@ var rules = []waitstatetest.Rule{
 	{Name: "protect-enterprise-block-free", MetricTag: "enterprise", Metric: waitstatetest.MetricLatencyP95,
 		Operator: ">", Threshold: 300, TagName: "free", Action: waitstatetest.ActionBlock, CooldownSeconds: 10},
 	{Name: "protect-enterprise-throttle-pro", MetricTag: "enterprise", Metric: waitstatetest.MetricLatencyP95,
-		Operator: ">", Threshold: 300, TagName: "pro", Action: waitstatetest.ActionThrottle, Percent: 50, CooldownSeconds: 10},
+		Operator: ">", Threshold: 300, TagName: "pro", Action: waitstatetest.ActionThrottle, AdmitPercent: 50, CooldownSeconds: 10},
 }
 
 // The SDK calls behind the table, printed at the end.
@@ -259,7 +259,7 @@ func setup() (waitstate.Options, *waitstatetest.Server, error) {
 	for _, r := range rules {
 		what := "block"
 		if r.Action == waitstatetest.ActionThrottle {
-			what = fmt.Sprintf("throttle to %v %%", r.Percent)
+			what = fmt.Sprintf("throttle to %v %%", r.AdmitPercent)
 		}
 		fmt.Printf("  %s: %s p95 > %v ms → %s %s (cooldown %v s)\n", r.Name, r.MetricTag, r.Threshold, what, r.TagName, r.CooldownSeconds)
 	}

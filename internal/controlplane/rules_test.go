@@ -1,6 +1,7 @@
 package controlplane
 
 import (
+	"encoding/json"
 	"fmt"
 	"math"
 	"math/rand/v2"
@@ -92,7 +93,7 @@ func TestQuantilesOnlyHealthIsNotKept(t *testing.T) {
 func TestParseRules(t *testing.T) {
 	got, err := ParseRules([]byte(`[{"name":"p95","tagName":"free","metric":"latency_p95_ms","operator":"gt","threshold":200,"maxWeight":0,"cooldownSeconds":10}]`))
 	require.NoError(t, err)
-	assert.Equal(t, map[string][]Rule{"": {{Name: "p95", TagName: "free", Metric: MetricLatencyP95, Operator: "gt", Threshold: 200, CooldownSeconds: 10}}}, got)
+	assert.Equal(t, map[string][]Rule{"": {{Name: "p95", TagName: "free", Metric: MetricLatencyP95, Operator: "gt", Threshold: 200, Action: ActionCap, CooldownSeconds: 10}}}, got)
 
 	got, err = ParseRules([]byte(`{"eu-1":[{"name":"err","metric":"error_rate","operator":"gt","threshold":0.1,"maxWeight":1}]}`))
 	require.NoError(t, err)
@@ -185,8 +186,8 @@ func TestRulesSchema(t *testing.T) {
 	rules := bySite[""]
 	require.Len(t, rules, 4)
 	assert.Equal(t, Rule{Name: "throttle-pro", MetricTag: "enterprise", Metric: MetricLatencyP95, Operator: ">=", Threshold: 300,
-		TagName: "pro", Action: ActionThrottle, Percent: 50}, rules[1])
-	assert.Equal(t, Action(""), rules[3].Action, "a rule with maxWeight and no action is a cap")
+		TagName: "pro", Action: ActionThrottle, AdmitPercent: 50}, rules[1])
+	assert.Equal(t, ActionCap, rules[3].Action, "a rule with maxWeight and no action is a cap")
 	assert.Zero(t, rules[3].MaxWeight)
 
 	for name, bad := range map[string]string{
@@ -197,10 +198,27 @@ func TestRulesSchema(t *testing.T) {
 		"unknown operator":        `[{"name": "x", "metric": "rps", "operator": "=", "threshold": 1, "action": "block"}]`,
 		"bad metric name":         `[{"name": "x", "metric": "metric:Queue", "operator": ">", "threshold": 1, "action": "block"}]`,
 		"unknown metric":          `[{"name": "x", "metric": "latency_p90_ms", "operator": ">", "threshold": 1, "action": "block"}]`,
+		"throttle admitting 0":    `[{"name": "x", "metric": "rps", "operator": ">", "threshold": 1, "action": "throttle", "percent": 0}]`,
+		"both spellings":          `[{"name": "x", "metric": "rps", "operator": ">", "threshold": 1, "action": "throttle", "percent": 5, "admitPercent": 5}]`,
 	} {
 		_, err := ParseRules([]byte(bad))
 		assert.Error(t, err, name)
 	}
+
+	// Misspelled keys are refused, by name, not left empty: this rule
+	// would otherwise watch the whole site and block every tag.
+	_, err = ParseRules([]byte(`[{"name": "x", "metric_tag": "enterprise", "metric": "error_rate", "operator": ">",
+	  "threshold": 0.1, "tag_name": "free", "action": "block", "cooldown": 30, "MetricTag": "enterprise"}]`))
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), `rule "x": unknown keys "MetricTag", "cooldown", "metric_tag", "tag_name"`)
+
+	// "admitPercent" is another spelling of "percent"; "percent" is written.
+	bySite, err = ParseRules([]byte(`[{"name": "t", "metric": "rps", "operator": ">", "threshold": 1, "action": "throttle", "admitPercent": 20}]`))
+	require.NoError(t, err)
+	assert.Equal(t, 20.0, bySite[""][0].AdmitPercent)
+	out, err := json.Marshal(bySite[""][0])
+	require.NoError(t, err)
+	assert.Contains(t, string(out), `"percent":20`)
 }
 
 func TestRuleOperatorsAndScopes(t *testing.T) {

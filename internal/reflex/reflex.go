@@ -7,12 +7,14 @@
 package reflex
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"maps"
 	"math"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -65,7 +67,8 @@ type Action string
 const (
 	// ActionBlock sheds every call of the tag (100 %).
 	ActionBlock Action = "block"
-	// ActionThrottle admits Percent % of the tag's calls and sheds the rest.
+	// ActionThrottle admits AdmitPercent % of the tag's calls and sheds
+	// the rest.
 	ActionThrottle Action = "throttle"
 	// ActionCap lowers the tag's weight limit to MaxWeight. A rule with no
 	// action is a cap.
@@ -87,34 +90,69 @@ type Rule struct {
 	Threshold       float64 `json:"threshold"`
 	TagName         string  `json:"tagName"`
 	Action          Action  `json:"action,omitempty"`    // "" is ActionCap
-	Percent         float64 `json:"percent,omitempty"`   // ActionThrottle: the share admitted, 0 to 100
+	AdmitPercent    float64 `json:"percent,omitempty"`   // ActionThrottle: the share admitted, above 0, at most 100; not the share shed
 	MaxWeight       float64 `json:"maxWeight,omitempty"` // ActionCap: the weight limit
 	CooldownSeconds float64 `json:"cooldownSeconds"`
 }
 
-// UnmarshalJSON reads a rule, refusing one that says neither what to do
-// (an action) nor a weight limit (a cap), and a throttle without a percent.
+// ruleKeys are the keys of a rule's JSON form, as written; "admitPercent"
+// is read as another spelling of "percent".
+var ruleKeys = []string{"name", "metricTag", "metric", "operator", "threshold", "tagName",
+	"action", "percent", "admitPercent", "maxWeight", "cooldownSeconds"}
+
+// UnmarshalJSON reads a rule. It refuses keys the schema does not have,
+// naming them (a misspelled "metricTag" would otherwise watch the whole
+// site), a rule that says neither what to do (an action) nor a weight limit
+// (a cap), a throttle without the share it admits, and a cap without a
+// weight limit. The share a throttle admits is "percent" or "admitPercent",
+// not both; MarshalJSON writes "percent".
 func (r *Rule) UnmarshalJSON(data []byte) error {
 	type plain Rule
 	var raw struct {
 		plain
-		Percent   *float64 `json:"percent"`
-		MaxWeight *float64 `json:"maxWeight"`
+		Percent      *float64 `json:"percent"`
+		AdmitPercent *float64 `json:"admitPercent"`
+		MaxWeight    *float64 `json:"maxWeight"`
 	}
 	if err := json.Unmarshal(data, &raw); err != nil {
 		return err
 	}
+	var keys map[string]json.RawMessage
+	if err := json.Unmarshal(data, &keys); err != nil {
+		return err
+	}
+	var unknown []string
+	for k := range keys {
+		if !slices.Contains(ruleKeys, k) {
+			unknown = append(unknown, strconv.Quote(k))
+		}
+	}
+	if len(unknown) > 0 {
+		slices.Sort(unknown)
+		return fmt.Errorf("rule %q: unknown keys %s (a rule's keys are %s)", raw.Name,
+			strings.Join(unknown, ", "), strings.Join(ruleKeys, ", "))
+	}
+	admit := raw.Percent
+	switch {
+	case raw.Percent != nil && raw.AdmitPercent != nil:
+		return fmt.Errorf("rule %q: percent and admitPercent are one key: give one", raw.Name)
+	case raw.AdmitPercent != nil:
+		admit = raw.AdmitPercent
+	}
 	switch {
 	case raw.Action == "" && raw.MaxWeight == nil:
 		return fmt.Errorf("rule %q: no action and no maxWeight", raw.Name)
-	case raw.Action == ActionThrottle && raw.Percent == nil:
+	case raw.Action == ActionThrottle && admit == nil:
 		return fmt.Errorf("rule %q: throttle without a percent", raw.Name)
 	case raw.Action == ActionCap && raw.MaxWeight == nil:
 		return fmt.Errorf("rule %q: cap without a maxWeight", raw.Name)
 	}
 	*r = Rule(raw.plain)
-	if raw.Percent != nil {
-		r.Percent = *raw.Percent
+	if r.Action == "" {
+		r.Action = ActionCap // said in full, so that Validate can tell it from a rule with no action
+	}
+	if admit != nil {
+		r.AdmitPercent = *admit
 	}
 	if raw.MaxWeight != nil {
 		r.MaxWeight = *raw.MaxWeight
@@ -133,12 +171,12 @@ func (r Rule) MarshalJSON() ([]byte, error) {
 	}{plain: plain(r)}
 	switch r.Action {
 	case ActionThrottle:
-		out.Percent = &r.Percent
+		out.Percent = &r.AdmitPercent
 	case "", ActionCap:
 		out.MaxWeight = &r.MaxWeight
 	default:
-		if r.Percent != 0 {
-			out.Percent = &r.Percent
+		if r.AdmitPercent != 0 {
+			out.Percent = &r.AdmitPercent
 		}
 		if r.MaxWeight != 0 {
 			out.MaxWeight = &r.MaxWeight
@@ -177,8 +215,10 @@ func (r Rule) Validate() error {
 		return fmt.Errorf("rule %q: threshold must be a finite number", r.Name)
 	case r.Action != "" && r.Action != ActionBlock && r.Action != ActionThrottle && r.Action != ActionCap:
 		return fmt.Errorf("rule %q: action must be block, throttle or cap, not %q", r.Name, r.Action)
-	case r.Action == ActionThrottle && !(r.Percent >= 0 && r.Percent <= 100):
-		return fmt.Errorf("rule %q: percent must be in [0, 100]", r.Name)
+	case r.Action == ActionThrottle && !(r.AdmitPercent > 0 && r.AdmitPercent <= 100):
+		return fmt.Errorf("rule %q: a throttle admits more than 0 and at most 100 percent, not %v (one that admits nothing is a block)", r.Name, r.AdmitPercent)
+	case r.Action == "" && r.MaxWeight == 0:
+		return fmt.Errorf("rule %q: no action and no maxWeight: say block, throttle, or cap with a maxWeight", r.Name)
 	case (r.Action == "" || r.Action == ActionCap) && !(r.MaxWeight >= 0):
 		return fmt.Errorf("rule %q: maxWeight must be >= 0", r.Name)
 	case !(r.CooldownSeconds >= 0):
@@ -216,12 +256,20 @@ func ValidateSet(rules []Rule) error {
 // ParseRules reads rules as JSON: an array of rules for the default site
 // (""), or an object from site to its array of rules.
 func ParseRules(data []byte) (map[string][]Rule, error) {
-	var list []Rule
 	bySite := map[string][]Rule{}
-	if err := json.Unmarshal(data, &list); err == nil {
+	switch trimmed := bytes.TrimLeft(data, " \t\r\n"); {
+	case len(trimmed) > 0 && trimmed[0] == '[':
+		var list []Rule
+		if err := json.Unmarshal(data, &list); err != nil {
+			return nil, fmt.Errorf("rules: %w", err)
+		}
 		bySite[""] = list
-	} else if err := json.Unmarshal(data, &bySite); err != nil {
-		return nil, fmt.Errorf("rules: want an array of rules or an object of site to rules: %w", err)
+	case len(trimmed) > 0 && trimmed[0] == '{':
+		if err := json.Unmarshal(data, &bySite); err != nil {
+			return nil, fmt.Errorf("rules: %w", err)
+		}
+	default:
+		return nil, errors.New("rules: want an array of rules or an object of site to rules")
 	}
 	for site, rules := range bySite {
 		if err := ValidateSet(rules); err != nil {
@@ -346,7 +394,7 @@ func (r Rule) shed() (float64, bool) {
 	case ActionBlock:
 		return 100, true
 	case ActionThrottle:
-		return 100 - r.Percent, true
+		return 100 - r.AdmitPercent, true
 	}
 	return 0, false
 }

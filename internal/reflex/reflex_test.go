@@ -80,13 +80,13 @@ func TestOverlayActions(t *testing.T) {
 	base := wire.Policy{Version: 1, GlobalMaxWeight: 10, TagMaxWeights: map[string]float64{"enterprise": math.Inf(1)}}
 	rules := []Rule{
 		{Name: "block-free", TagName: "free", Action: ActionBlock},
-		{Name: "throttle-pro", TagName: "pro", Action: ActionThrottle, Percent: 50},
-		{Name: "throttle-pro-harder", TagName: "pro", Action: ActionThrottle, Percent: 20},
+		{Name: "throttle-pro", TagName: "pro", Action: ActionThrottle, AdmitPercent: 50},
+		{Name: "throttle-pro-harder", TagName: "pro", Action: ActionThrottle, AdmitPercent: 20},
 		{Name: "cap-batch", TagName: "batch", Action: ActionCap, MaxWeight: 3},
 		{Name: "cap-batch-legacy", TagName: "batch", MaxWeight: 5},
-		{Name: "global-throttle", Action: ActionThrottle, Percent: 70},
+		{Name: "global-throttle", Action: ActionThrottle, AdmitPercent: 70},
 		{Name: "global-cap", MaxWeight: 4},
-		{Name: "loose-tag", TagName: "misc", Action: ActionThrottle, Percent: 90},
+		{Name: "loose-tag", TagName: "misc", Action: ActionThrottle, AdmitPercent: 90},
 	}
 	p := Overlay(base, rules, fired("block-free", "throttle-pro"))
 	assert.Equal(t, map[string]float64{"free": 100, "pro": 50}, p.TagShedPercents)
@@ -119,7 +119,6 @@ func TestOperators(t *testing.T) {
 // left out as empty.
 func TestRuleJSONRoundTrip(t *testing.T) {
 	for _, r := range []Rule{
-		{Name: "cap-0", Metric: MetricErrorRate, Operator: ">", Threshold: 0.5, TagName: "free", MaxWeight: 0},
 		{Name: "cap-0-explicit", Metric: MetricErrorRate, Operator: ">", Threshold: 0.5, TagName: "free", Action: ActionCap},
 		{Name: "throttle-0", Metric: MetricErrorRate, Operator: ">", Threshold: 0.5, TagName: "free", Action: ActionThrottle},
 		{Name: "block", MetricTag: "ent", Metric: "metric:queue_depth:max", Operator: "gte", Threshold: 9, Action: ActionBlock, CooldownSeconds: 3},
@@ -130,4 +129,12 @@ func TestRuleJSONRoundTrip(t *testing.T) {
 		require.NoError(t, json.Unmarshal(raw, &back), string(raw))
 		assert.Equal(t, r, back, string(raw))
 	}
+
+	// A rule with a weight limit and no action is a cap, and reads back
+	// saying so.
+	raw, err := json.Marshal(Rule{Name: "cap-3", Metric: MetricErrorRate, Operator: ">", Threshold: 0.5, MaxWeight: 3})
+	require.NoError(t, err)
+	var back Rule
+	require.NoError(t, json.Unmarshal(raw, &back))
+	assert.Equal(t, Rule{Name: "cap-3", Metric: MetricErrorRate, Operator: ">", Threshold: 0.5, Action: ActionCap, MaxWeight: 3}, back)
 }

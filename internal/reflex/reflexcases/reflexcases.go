@@ -106,7 +106,7 @@ var Cases = []Case{
 		Rules: []reflex.Rule{
 			{Name: "errors", Metric: reflex.MetricErrorRate, Operator: ">=", Threshold: 0.5, TagName: "free", Action: reflex.ActionBlock},
 			{Name: "fast-p50", Metric: reflex.MetricLatencyP50, Operator: "lt", Threshold: 5, TagName: "batch", Action: reflex.ActionCap, MaxWeight: 2},
-			{Name: "tail", Metric: reflex.MetricLatencyP99, Operator: "gte", Threshold: 1000, TagName: "pro", Action: reflex.ActionThrottle, Percent: 25},
+			{Name: "tail", Metric: reflex.MetricLatencyP99, Operator: "gte", Threshold: 1000, TagName: "pro", Action: reflex.ActionThrottle, AdmitPercent: 25},
 			{Name: "not-below", Metric: reflex.MetricErrorRate, Operator: "<=", Threshold: 0.1, TagName: "misc", MaxWeight: 1},
 		},
 		Steps: []Step{
@@ -129,8 +129,8 @@ var Cases = []Case{
 		Name: "the strictest of several rules on one tag wins",
 		Base: base,
 		Rules: []reflex.Rule{
-			{Name: "throttle-pro", Metric: reflex.MetricLatencyP95, Operator: ">", Threshold: 100, TagName: "pro", Action: reflex.ActionThrottle, Percent: 50},
-			{Name: "throttle-pro-harder", Metric: reflex.MetricLatencyP95, Operator: ">", Threshold: 200, TagName: "pro", Action: reflex.ActionThrottle, Percent: 20},
+			{Name: "throttle-pro", Metric: reflex.MetricLatencyP95, Operator: ">", Threshold: 100, TagName: "pro", Action: reflex.ActionThrottle, AdmitPercent: 50},
+			{Name: "throttle-pro-harder", Metric: reflex.MetricLatencyP95, Operator: ">", Threshold: 200, TagName: "pro", Action: reflex.ActionThrottle, AdmitPercent: 20},
 			{Name: "cap-batch", Metric: reflex.MetricLatencyP95, Operator: ">", Threshold: 100, TagName: "batch", Action: reflex.ActionCap, MaxWeight: 3},
 			{Name: "cap-batch-harder", Metric: reflex.MetricLatencyP95, Operator: ">", Threshold: 200, TagName: "batch", MaxWeight: 1},
 		},
@@ -151,9 +151,9 @@ var Cases = []Case{
 		Name: "a tag rule never loosens a global one",
 		Base: base,
 		Rules: []reflex.Rule{
-			{Name: "global-throttle", Metric: reflex.MetricErrorRate, Operator: ">", Threshold: 0.2, Action: reflex.ActionThrottle, Percent: 70},
+			{Name: "global-throttle", Metric: reflex.MetricErrorRate, Operator: ">", Threshold: 0.2, Action: reflex.ActionThrottle, AdmitPercent: 70},
 			{Name: "global-cap", Metric: reflex.MetricErrorRate, Operator: ">", Threshold: 0.2, MaxWeight: 4},
-			{Name: "loose-tag", Metric: reflex.MetricErrorRate, Operator: ">", Threshold: 0.2, TagName: "misc", Action: reflex.ActionThrottle, Percent: 90},
+			{Name: "loose-tag", Metric: reflex.MetricErrorRate, Operator: ">", Threshold: 0.2, TagName: "misc", Action: reflex.ActionThrottle, AdmitPercent: 90},
 			{Name: "loose-cap", Metric: reflex.MetricErrorRate, Operator: ">", Threshold: 0.2, TagName: "free", MaxWeight: 8},
 		},
 		Steps: []Step{{
@@ -186,9 +186,9 @@ var Cases = []Case{
 		Name: "custom metrics: a tag's mean and maximum, and site-wide",
 		Base: base,
 		Rules: []reflex.Rule{
-			{Name: "queue-mean", MetricTag: "batch", Metric: "metric:queue_depth", Operator: ">", Threshold: 10, TagName: "batch", Action: reflex.ActionThrottle, Percent: 50},
+			{Name: "queue-mean", MetricTag: "batch", Metric: "metric:queue_depth", Operator: ">", Threshold: 10, TagName: "batch", Action: reflex.ActionThrottle, AdmitPercent: 50},
 			{Name: "queue-max", MetricTag: "batch", Metric: "metric:queue_depth:max", Operator: ">", Threshold: 50, TagName: "batch", Action: reflex.ActionBlock},
-			{Name: "pool", Metric: "metric:pool_wait_ms", Operator: ">", Threshold: 20, TagName: "free", MaxWeight: 0},
+			{Name: "pool", Metric: "metric:pool_wait_ms", Operator: ">", Threshold: 20, TagName: "free", Action: reflex.ActionCap, MaxWeight: 0},
 		},
 		Steps: []Step{
 			{
