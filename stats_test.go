@@ -1,6 +1,7 @@
 package waitstate
 
 import (
+	"fmt"
 	"testing"
 	"time"
 
@@ -46,8 +47,8 @@ func TestProtocolDecisionsAndHealthInStats(t *testing.T) {
 	}
 	assert.Equal(t, st.Usage, allowed)
 	assert.Equal(t, st.Bounced, denied)
-	assert.Equal(t, TagStats{Usage: 1, Bounced: 1}, c.TagStats("pro"), "the first window's")
-	assert.Equal(t, TagStats{Bounced: 1}, c.TagStats("free"))
+	assert.Equal(t, TagStats{Usage: 2, Bounced: 2}, c.TagStats("pro"), "the windows cut and the live one")
+	assert.Equal(t, TagStats{Bounced: 2}, c.TagStats("free"))
 	assert.Equal(t, TagStats{}, c.TagStats("never"))
 	assert.Equal(t, uint64(2), st.HealthRequests)
 	assert.Equal(t, uint64(1), st.HealthErrors)
@@ -63,4 +64,51 @@ func TestDecisionsInShadow(t *testing.T) {
 	assert.True(t, c.Gate("free", 1).Allowed)
 	assert.True(t, c.Gate("pro", 1).Allowed)
 	assert.Equal(t, map[Reason]uint64{ReasonTagMaxWeight: 1, ReasonAllowed: 1}, c.Stats().Decisions)
+}
+
+// TestTagStatsIncludeLiveWindow: a tag's counts include the live window, as
+// Stats' totals do, so an exporter's per-tag series add up to its totals at
+// every scrape; and they never go down, even for tags that a cut folds
+// into OtherTag.
+func TestTagStatsIncludeLiveWindow(t *testing.T) {
+	c := idleClient(t, nil, &Policy{Version: 1, GlobalMaxWeight: 5, TagMaxWeights: map[string]float64{"free": 0}})
+	for range 3 {
+		c.Gate("pro", 1)
+		c.Gate("free", 1)
+	}
+	assert.Equal(t, TagStats{Usage: 3}, c.TagStats("pro"), "before any cut")
+	assert.Equal(t, TagStats{Bounced: 3}, c.TagStats("free"))
+	st := c.Stats()
+	assert.Equal(t, TagStats{Usage: st.Usage, Bounced: st.Bounced},
+		TagStats{Usage: c.TagStats("pro").Usage, Bounced: c.TagStats("free").Bounced})
+	cutPulse(t, c, false)
+	assert.Equal(t, TagStats{Usage: 3}, c.TagStats("pro"), "the cut moves them, adds nothing")
+	c.Gate("pro", 1)
+	assert.Equal(t, TagStats{Usage: 4}, c.TagStats("pro"))
+
+	// Fill the totals to a few places short of MaxWindowTags, then count
+	// more new tags in one window than there is room for: each new tag's
+	// counts, read before and after the cut, never go down.
+	for i := range MaxWindowTags - 5 {
+		c.Gate(fmt.Sprint("fill-", i), 1)
+	}
+	cutPulse(t, c, false)
+	before := map[string]TagStats{}
+	for i := range 10 {
+		tag := fmt.Sprint("late-", i)
+		c.Gate(tag, 1)
+		before[tag] = c.TagStats(tag)
+	}
+	before[OtherTag] = c.TagStats(OtherTag)
+	cutPulse(t, c, false)
+	var folded uint64
+	for tag, b := range before {
+		after := c.TagStats(tag)
+		assert.GreaterOrEqual(t, after.Usage, b.Usage, tag)
+		if tag != OtherTag && after.Usage == 0 {
+			folded++
+		}
+	}
+	assert.Positive(t, folded, "some late tags were folded into %s", OtherTag)
+	assert.Equal(t, folded, c.TagStats(OtherTag).Usage)
 }

@@ -74,6 +74,7 @@ type Client struct {
 	healthRequests uint64       // health samples in windows already cut
 	healthErrors   uint64
 	tagTotals      map[string]TagStats // by tag, in windows already cut: at most MaxWindowTags
+	promised       map[string]bool     // tags of the live window that TagStats showed before they had a total
 	reflex         *reflexBlock        // the last verified reflex block; nil: no rules
 	reflexErr      string              // the last refused block's error, logged once
 	local          localState          // the rules' own run, with SafeModeLocalRules
@@ -298,29 +299,69 @@ type TagStats struct {
 	Bounced uint64 // calls denied (in shadow mode: that would have been)
 }
 
-// TagStats returns tag's counts in the windows already cut, sent or
-// waiting to be (the live window joins them at the next cut). The client
-// keeps the totals of the first MaxWindowTags tags it counts; later tags
-// add to OtherTag's.
+// TagStats returns tag's counts since New, the live window's included, as
+// Stats' totals are. The client keeps the totals of the first
+// MaxWindowTags tags it counts; later tags add to OtherTag's, from the cut
+// of the window that counted them. Counts never go down: a tag whose live
+// calls TagStats has shown keeps a total of its own.
 func (c *Client) TagStats(tag string) TagStats {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.tagTotals[tag]
+	ts, known := c.tagTotals[tag]
+	if c.win == nil {
+		return ts
+	}
+	var live *tagCounter
+	switch {
+	case tag == OtherTag:
+		live = &c.win.other
+	case known || c.promised[tag]:
+		live = c.win.find(tag)
+	case len(c.tagTotals)+len(c.promised) < MaxWindowTags:
+		// Shown now, so promised a total at the cut.
+		if live = c.win.find(tag); live != nil {
+			if c.promised == nil {
+				c.promised = make(map[string]bool)
+			}
+			c.promised[tag] = true
+		}
+	}
+	if live != nil {
+		rc := live.peek()
+		usage, bounced := rc.split()
+		ts.Usage += usage
+		ts.Bounced += bounced
+	}
+	return ts
 }
 
-// addTagTotals adds a cut window's tag counts to the totals. Call with
-// c.mu held.
+// addTagTotals adds a cut window's tag counts to the totals, the tags
+// TagStats promised a total first. Call with c.mu held.
 func (c *Client) addTagTotals(tags map[string]tagCount) {
 	if c.tagTotals == nil {
 		c.tagTotals = make(map[string]TagStats)
 	}
-	for tag, tc := range tags {
-		if _, ok := c.tagTotals[tag]; !ok && len(c.tagTotals) >= MaxWindowTags {
-			tag = OtherTag
+	for tag := range c.promised {
+		if tc, ok := tags[tag]; ok {
+			c.addTagTotal(tag, tc)
 		}
-		t := c.tagTotals[tag]
-		c.tagTotals[tag] = TagStats{Usage: t.Usage + tc.Usage, Bounced: t.Bounced + tc.Bounced}
 	}
+	for tag, tc := range tags {
+		if !c.promised[tag] {
+			c.addTagTotal(tag, tc)
+		}
+	}
+	clear(c.promised)
+}
+
+// addTagTotal adds one tag's counts to its total, or to OtherTag's when
+// the totals are full. Call with c.mu held.
+func (c *Client) addTagTotal(tag string, tc tagCount) {
+	if _, ok := c.tagTotals[tag]; !ok && len(c.tagTotals) >= MaxWindowTags {
+		tag = OtherTag
+	}
+	t := c.tagTotals[tag]
+	c.tagTotals[tag] = TagStats{Usage: t.Usage + tc.Usage, Bounced: t.Bounced + tc.Bounced}
 }
 
 // Stats returns the client's counters.

@@ -64,7 +64,7 @@ func Register(client *waitstate.Client, meter metric.Meter, opts Options) (metri
 	var (
 		decisions = counter("decisions", "{call}",
 			"Gate calls by decision (allowed or denied) and reason; in shadow mode, the decision Gate would have made.")
-		tagDecisions  = counter("tag.decisions", "{call}", "Gate calls of the allow-listed tags by decision, in the windows already sent.")
+		tagDecisions  = counter("tag.decisions", "{call}", "Gate calls of the allow-listed tags by decision, the live window included, as the totals.")
 		shadowDenials = counter("shadow.denials", "{call}",
 			"Calls allowed only because the client is in shadow mode: those the policy would have denied.")
 		pulses         = counter("pulses", "{pulse}", "Pulses by outcome: sent (acknowledged), failed (an attempt, resent), dropped (refused with a 4xx).")

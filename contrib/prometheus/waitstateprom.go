@@ -72,7 +72,7 @@ func NewCollector(client *waitstate.Client, opts Options) *Collector {
 		tags:   slices.Clone(opts.Tags),
 
 		decisions:     desc("decisions_total", "Gate calls by decision (allowed or denied) and reason; in shadow mode, the decision Gate would have made.", "decision", "reason"),
-		tagDecisions:  desc("tag_decisions_total", "Gate calls of the allow-listed tags by decision, in the windows already sent.", "tag", "decision"),
+		tagDecisions:  desc("tag_decisions_total", "Gate calls of the allow-listed tags by decision, the live window included, as the totals.", "tag", "decision"),
 		shadowDenials: desc("shadow_denials_total", "Calls allowed only because the client is in shadow mode: those the policy would have denied."),
 		pulses:        desc("pulses_total", "Pulses by outcome: sent (acknowledged), failed (an attempt, resent), dropped (refused with a 4xx).", "outcome"),
 		syncsFailed:   desc("syncs_failed_total", "Policy syncs that failed."),

@@ -53,7 +53,7 @@ waitstate_decisions_total{decision="denied",reason="global_max_weight",service="
 waitstate_decisions_total{decision="denied",reason="safe_mode_limit",service="search"} 0
 waitstate_decisions_total{decision="denied",reason="tag_max_weight",service="search"} 2
 waitstate_decisions_total{decision="denied",reason="throttled",service="search"} 0
-# HELP waitstate_tag_decisions_total Gate calls of the allow-listed tags by decision, in the windows already sent.
+# HELP waitstate_tag_decisions_total Gate calls of the allow-listed tags by decision, the live window included, as the totals.
 # TYPE waitstate_tag_decisions_total counter
 waitstate_tag_decisions_total{decision="allowed",service="search",tag="free"} 0
 waitstate_tag_decisions_total{decision="allowed",service="search",tag="pro"} 1
@@ -92,6 +92,18 @@ waitstate_pulse_interval_seconds{service="search"} 0.1
 	n, err := testutil.GatherAndCount(reg)
 	require.NoError(t, err)
 	assert.Equal(t, 7+4+3+3+1+1+1+1+1+1+1+1+1+1+1, n, "a bounded set of series: no tag label beyond the allow-list")
+
+	// A call shows in its tag's series at the next scrape, as in the
+	// totals, not a pulse later.
+	client.Gate("pro", 1)
+	require.NoError(t, testutil.GatherAndCompare(reg, strings.NewReader(`
+# HELP waitstate_tag_decisions_total Gate calls of the allow-listed tags by decision, the live window included, as the totals.
+# TYPE waitstate_tag_decisions_total counter
+waitstate_tag_decisions_total{decision="allowed",service="search",tag="free"} 0
+waitstate_tag_decisions_total{decision="allowed",service="search",tag="pro"} 2
+waitstate_tag_decisions_total{decision="denied",service="search",tag="free"} 2
+waitstate_tag_decisions_total{decision="denied",service="search",tag="pro"} 1
+`), "waitstate_tag_decisions_total"))
 }
 
 // TestCollectorShadowAndNoTags: in shadow mode the would-be denials are
