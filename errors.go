@@ -12,6 +12,14 @@ var (
 	// ErrInvalidOptions is wrapped by every error New returns for bad Options.
 	ErrInvalidOptions = errors.New("waitstate: invalid options")
 
+	// ErrNoKeys is wrapped, with ErrInvalidOptions, by the error
+	// OptionsFromEnv returns when WAITSTATE_PUBLISH_KEY or
+	// WAITSTATE_SECRET_KEY is unset. A service that must also run without
+	// keys, on a developer's machine, tests for it and starts Offline (or
+	// against a waitstatetest server) instead; any other error means a
+	// deployment's configuration is wrong.
+	ErrNoKeys = errors.New("waitstate: keys not set")
+
 	// ErrClosed is returned by Ready once the client has been shut down
 	// before a policy was applied.
 	ErrClosed = errors.New("waitstate: client closed")
@@ -44,6 +52,16 @@ type StatusError struct {
 func (e *StatusError) Error() string {
 	return fmt.Sprintf("waitstate: %s: control plane answered %d %s", e.Op, e.StatusCode, http.StatusText(e.StatusCode))
 }
+
+// noKeyError is OptionsFromEnv's error for an unset key variable: it is
+// both ErrInvalidOptions and ErrNoKeys.
+type noKeyError struct{ name string }
+
+func (e noKeyError) Error() string {
+	return fmt.Sprintf("%v: %s is not set", ErrInvalidOptions, e.name)
+}
+
+func (e noKeyError) Is(target error) bool { return target == ErrInvalidOptions || target == ErrNoKeys }
 
 // optionError builds an error wrapping ErrInvalidOptions.
 func optionError(format string, args ...any) error {

@@ -2,7 +2,9 @@ package waitstate_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"log"
 	"math"
 	"net/http"
 	"net/http/httptest"
@@ -151,6 +153,32 @@ func ExampleOptions_offline() {
 	// false throttled
 	// true allowed
 	// false throttled
+}
+
+// A service that also runs without keys, on a developer's machine, says so
+// in code: OptionsFromEnv reports unset keys with ErrNoKeys, and the
+// service then starts Offline with a policy of its own (or against a
+// waitstatetest server, as examples/httpserver does). Any other error,
+// such as a value that does not parse, is a deployment's mistake and
+// stops it.
+func ExampleOptionsFromEnv() {
+	opts, err := waitstate.OptionsFromEnv()
+	if errors.Is(err, waitstate.ErrNoKeys) {
+		log.Print("waitstate: no keys: offline, with the development policy")
+		opts, err = waitstate.Options{
+			Offline:       true,
+			InitialPolicy: &waitstate.Policy{Version: 1, GlobalMaxWeight: 10},
+		}, nil
+	}
+	if err != nil {
+		log.Fatal(err)
+	}
+	client, err := waitstate.New(opts)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer client.Close()
+	_ = client.Gate("free", 1)
 }
 
 // Shadow mode is a dry run: every call is allowed, and the ones the policy

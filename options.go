@@ -159,8 +159,8 @@ const (
 // OptionsFromEnv returns Options filled from the WAITSTATE_* variables
 // above; an unset or empty variable leaves its field zero, so New applies
 // its default. It returns an error wrapping ErrInvalidOptions, naming the
-// variable, when either key is unset or a value does not parse. The error
-// never quotes the secret key.
+// variable, when either key is unset (the error is also ErrNoKeys) or a
+// value does not parse. The error never quotes the secret key.
 func OptionsFromEnv() (Options, error) {
 	opts := Options{
 		PublishKey: os.Getenv(EnvPublishKey),
@@ -171,9 +171,9 @@ func OptionsFromEnv() (Options, error) {
 	}
 	switch {
 	case opts.PublishKey == "":
-		return Options{}, optionError("%s is not set", EnvPublishKey)
+		return Options{}, noKeyError{EnvPublishKey}
 	case opts.SecretKey == "":
-		return Options{}, optionError("%s is not set", EnvSecretKey)
+		return Options{}, noKeyError{EnvSecretKey}
 	}
 	var err error
 	for _, d := range []struct {
@@ -181,8 +181,8 @@ func OptionsFromEnv() (Options, error) {
 		dst  *time.Duration
 	}{{EnvPulseInterval, &opts.PulseInterval}, {EnvSyncInterval, &opts.SyncInterval}} {
 		if v := os.Getenv(d.name); v != "" {
-			if *d.dst, err = time.ParseDuration(v); err != nil || *d.dst < 0 {
-				return Options{}, optionError("%s=%q is not a duration >= 0 such as 20s", d.name, v)
+			if *d.dst, err = time.ParseDuration(v); err != nil || *d.dst != 0 && *d.dst < MinInterval {
+				return Options{}, optionError("%s=%q is not a duration of at least %v, such as 20s", d.name, v, MinInterval)
 			}
 		}
 	}

@@ -89,12 +89,22 @@ func TestOptionsFromEnv(t *testing.T) {
 	t.Setenv(EnvSecretKey, "")
 	_, err = OptionsFromEnv()
 	require.ErrorIs(t, err, ErrInvalidOptions)
-	assert.Contains(t, err.Error(), EnvSecretKey)
+	require.ErrorIs(t, err, ErrNoKeys, "a development fallback can tell missing keys from bad values")
+	assert.Equal(t, "waitstate: invalid options: WAITSTATE_SECRET_KEY is not set", err.Error())
 
 	t.Setenv(EnvPublishKey, "")
 	_, err = OptionsFromEnv()
 	require.ErrorIs(t, err, ErrInvalidOptions)
+	require.ErrorIs(t, err, ErrNoKeys)
 	assert.Contains(t, err.Error(), EnvPublishKey)
+
+	// A bad value with the keys set is not ErrNoKeys: it stops the service.
+	t.Setenv(EnvPublishKey, "pk_env")
+	t.Setenv(EnvSecretKey, "sk_env")
+	t.Setenv(EnvSyncInterval, "soon")
+	_, err = OptionsFromEnv()
+	require.ErrorIs(t, err, ErrInvalidOptions)
+	assert.NotErrorIs(t, err, ErrNoKeys)
 }
 
 func TestOptionsFromEnvDeployment(t *testing.T) {
@@ -120,6 +130,14 @@ func TestOptionsFromEnvDeployment(t *testing.T) {
 }
 
 func TestOptionsFromEnvRefusesBadValues(t *testing.T) {
+	t.Run("interval below MinInterval", func(t *testing.T) {
+		t.Setenv(EnvPublishKey, "pk_env")
+		t.Setenv(EnvSecretKey, testSecretKey)
+		t.Setenv(EnvPulseInterval, "50ms")
+		_, err := OptionsFromEnv()
+		require.ErrorIs(t, err, ErrInvalidOptions)
+		assert.Contains(t, err.Error(), `WAITSTATE_PULSE_INTERVAL="50ms" is not a duration of at least 100ms`)
+	})
 	for name, value := range map[string]string{
 		EnvPulseInterval:  "20",
 		EnvSyncInterval:   "-1s",
