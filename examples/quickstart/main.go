@@ -57,6 +57,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -321,7 +322,8 @@ type simulation struct {
 	restSafe   bool   // the restarted instance's lease has run out
 	outageEnt  counts // enterprise's decisions during the outage
 	milestones []string
-	rec        *recording // -svg: what the picture draws; nil without
+	rec        *recording  // -svg: what the picture draws; nil without
+	changed    atomic.Bool // a → line was printed during the second being counted
 }
 
 func newSimulation(srv *waitstatetest.Server, base waitstate.Options) *simulation {
@@ -375,6 +377,10 @@ func newSecond() map[string]*counts {
 func (s *simulation) run(ctx context.Context, script []phase) error {
 	s.start = time.Now()
 	if !s.quiet {
+		fmt.Println()
+		fmt.Println("Each row counts one second, ending at its time, summed over the fleet's instances. A → line marks a change")
+		fmt.Println("within the next row's second: that row, starred, mixes what came before and after. p95 is instance 1's,")
+		fmt.Println("and in brackets the fleet's, as the control plane merged it. A weight limit of +Inf is no limit.")
 		fmt.Println()
 		fmt.Println("  time  phase     mode        policy    free ok/denied  pro ok/denied  enterprise ok/denied  enterprise p95         pulses every")
 	}
@@ -580,8 +586,12 @@ func (s *simulation) row(phase string) {
 	if len(st.LocalRulesFired) > 0 {
 		version += " local"
 	}
-	fmt.Printf("%5.0fs  %-8s  %-10s  %-8s  %-14s  %-13s  %-20s  %-21s  %v\n",
-		time.Since(s.start).Seconds(), phase, st.Mode, version, c("free"), c("pro"), c("enterprise"), p, st.PulseInterval)
+	mark := " "
+	if s.changed.Swap(false) {
+		mark = "*"
+	}
+	fmt.Printf("%5.0fs%s %-8s  %-10s  %-8s  %-14s  %-13s  %-20s  %-21s  %v\n",
+		time.Since(s.start).Seconds(), mark, phase, st.Mode, version, c("free"), c("pro"), c("enterprise"), p, st.PulseInterval)
 }
 
 // transitions prints a line at each change of mode, policy, cadence or the
@@ -618,7 +628,7 @@ func (s *simulation) transitions() {
 				s.line("lease expired: SAFE MODE (%s): each instance now runs the rules itself, on its own samples", s.base.SafeMode)
 				s.milestone("safe mode, local rules")
 			case waitstate.SafeModeFixedRPS:
-				s.line("lease expired: SAFE MODE (%s), each instance admits at most %d calls/s whatever the tag", s.base.SafeMode, s.base.SafeModeMaxRPS)
+				s.line("lease expired: SAFE MODE (%s), each instance admits at most %d calls/s whatever the tag: enterprise now competes with free for them", s.base.SafeMode, s.base.SafeModeMaxRPS)
 				s.milestone("safe mode")
 			default:
 				s.line("lease expired: SAFE MODE (%s)", s.base.SafeMode)
@@ -692,6 +702,7 @@ func (s *simulation) transitions() {
 func (s *simulation) line(format string, args ...any) {
 	if !s.quiet {
 		fmt.Printf("  → %5.1fs  %s\n", time.Since(s.start).Seconds(), fmt.Sprintf(format, args...))
+		s.changed.Store(true)
 	}
 }
 
@@ -700,6 +711,9 @@ func (s *simulation) milestone(m string) { s.milestones = append(s.milestones, m
 // describe sums up a policy's limits and shedding.
 func describe(p *waitstate.Policy) string {
 	parts := []string{fmt.Sprintf("global max weight %v", p.GlobalMaxWeight)}
+	if math.IsInf(p.GlobalMaxWeight, 1) {
+		parts[0] += " (no weight limit)"
+	}
 	for _, tag := range slices.Sorted(maps.Keys(p.TagMaxWeights)) {
 		parts = append(parts, fmt.Sprintf("%s max weight %v", tag, p.TagMaxWeights[tag]))
 	}
@@ -795,6 +809,8 @@ func compare(ctx context.Context) error {
 		fmt.Printf("| `%s` | %s | %s | %s | %.0f ms | %.0f ms |\n", name, pct("enterprise"), pct("free"), pct("pro"),
 			quantile(m.entMs, 0.95), quantile(m.entMs, 0.5))
 	}
+	fmt.Printf("\n`fixed_rps` admits %d calls/s per instance whatever the tag, so during the spike enterprise gets only its share\n"+
+		"of them: most calls are free's. The admitted shares are of the calls each tier sent, summed over the fleet.\n", 20)
 	return nil
 }
 
