@@ -94,15 +94,20 @@ const (
 //     reservations already taken, which never wait themselves.
 //  9. Shed turns are not sealed with the counts. A tag's sequence is the
 //     policy index's own for a tag with a shed percent of its own (for the
-//     policy's life), else the tag counter's turns in the window that
-//     tracks it, else the index's rest (policyIndex.turnsFor). A Gate takes
-//     its turn, then counts; one whose count finds the window sealed counts
-//     in the next window with the decision its turn gave. So each sequence
-//     sheds exactly ⌊k·p⌋ of its first k turns, but a window's count of one
-//     tag can hold turns of the window before and miss turns counted in the
-//     next: its sheds s among its n calls that passed the weight check keep
-//     |s − n·p| < 1 + g, g being the Gates of the tag that were between
-//     their turn and their count at the window's two cuts.
+//     policy's life), else the turns of the tag's counter, which start
+//     where the tag's turns ended in the windows before (carryTurns), else
+//     the index's rest (policyIndex.turnsFor). A Gate takes its turn, then
+//     counts; one whose count finds the window sealed counts in the next
+//     window with the decision its turn gave. So each sequence sheds
+//     exactly ⌊k·p⌋ of its first k turns, but a window's count of one tag
+//     can hold turns of the window before and miss turns counted in the
+//     next: its sheds s among its n calls that passed the weight check
+//     keep |s − n·p| < 1 + g, g being the Gates of the tag that were
+//     between their turn and their count at the window's two cuts. The
+//     cut reads where a window's turns ended once its report is read: a
+//     turn taken in it after that, or a counter registered in the next
+//     window before that, takes again a place of the sequence already
+//     taken, which keeps the same bound.
 const sealBit = 1 << 63
 
 // window counts Gate calls, health samples and metric samples between two
@@ -122,6 +127,9 @@ type window struct {
 	reach    atomic.Int32 // the longest probe an entry took, counting its slot, once past maxProbe
 	other    tagCounter   // OtherTag
 	site     tagCounter   // samples with no tag of their own: Observe, Record("")
+	// shedFrom is where the shed sequences of tags ended in the windows
+	// before this one (carryTurns); a tag's counter starts its turns there.
+	shedFrom atomic.Pointer[map[string]uint64]
 
 	writers [writerStripes]writerStripe
 }
@@ -357,6 +365,9 @@ func (w *window) entry(tag string, h uint64, x *policyIndex) (c *tagCounter, set
 	w.inflight.Add(1) // before reserve: settle must see us (invariant 2)
 	if w.reserve() {
 		c = &tagCounter{tag: strings.Clone(tag), hash: h, own: true}
+		if m := w.shedFrom.Load(); m != nil {
+			c.turns.Store((*m)[tag]) // the tag's sequence goes on (invariant 9)
+		}
 		c.lim0 = x.limitFor(tag, h, true)
 		c.lim.Store(&c.lim0)
 		return c, false
@@ -366,6 +377,45 @@ func (w *window) entry(tag string, h uint64, x *policyIndex) (c *tagCounter, set
 		return nil, false
 	}
 	return &tagCounter{tag: strings.Clone(tag), hash: h, overflow: true}, false
+}
+
+// carryTurns tells next, the window that replaced old, where the shed
+// sequences of old's tags ended, and of the tags before old that old did
+// not see: at most MaxWindowTags tags, old's first, then the most recent.
+// Only the cut calls it, once old's report is read; next starts with the
+// map old had, so a tag registered in next before this call starts one
+// window behind.
+func carryTurns(old, next *window) {
+	prior := old.shedFrom.Load()
+	var m map[string]uint64
+	for i := range old.slots {
+		if c := old.slots[i].Load(); c.tracked() {
+			if n := c.turns.Load(); n > 0 {
+				if m == nil {
+					m = make(map[string]uint64)
+				}
+				m[c.tag] = n
+			}
+		}
+	}
+	if prior != nil {
+		for tag, n := range *prior {
+			if len(m) >= MaxWindowTags {
+				break
+			}
+			if _, ok := m[tag]; !ok {
+				if m == nil {
+					m = make(map[string]uint64, len(*prior))
+				}
+				m[tag] = n
+			}
+		}
+	}
+	if m == nil {
+		next.shedFrom.Store(nil)
+		return
+	}
+	next.shedFrom.Store(&m)
 }
 
 // reserve takes one of the window's MaxWindowTags places; a refusal makes

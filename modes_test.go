@@ -117,6 +117,58 @@ func TestShedAcrossWindows(t *testing.T) {
 	assert.Equal(t, 19, shed)
 }
 
+// TestGlobalShedAcrossWindows: a tag under the global shed percent keeps
+// its sequence across windows too, windows without it included, and each
+// tag has its own. Before, each window restarted it: one call a window at
+// 99 % was never shed.
+func TestGlobalShedAcrossWindows(t *testing.T) {
+	c := idleClient(t, nil, &Policy{Version: 1, GlobalMaxWeight: 5, GlobalShedPercent: 99})
+	shed := map[string]int{}
+	for i := range 40 {
+		// "steady" calls once a window; "sparse" every third window.
+		for _, tag := range []string{"steady", "sparse"} {
+			if (tag == "steady" || i%3 == 0) && c.Gate(tag, 1).Reason == ReasonThrottled {
+				shed[tag]++
+			}
+		}
+		cutPulse(t, c, false)
+	}
+	assert.Equal(t, map[string]int{"steady": 39, "sparse": 13}, shed, "⌊40·0.99⌋ and ⌊14·0.99⌋")
+
+	// At 50 %, two tags that alternate windows still shed every other
+	// call each.
+	c = idleClient(t, nil, &Policy{Version: 1, GlobalMaxWeight: 5, GlobalShedPercent: 50})
+	shed = map[string]int{}
+	for i := range 40 {
+		tag := []string{"a", "b"}[i%2]
+		if c.Gate(tag, 1).Reason == ReasonThrottled {
+			shed[tag]++
+		}
+		cutPulse(t, c, false)
+	}
+	assert.Equal(t, map[string]int{"a": 10, "b": 10}, shed)
+}
+
+// TestShedCarryBounded: the turns carried across windows are those of at
+// most MaxWindowTags tags, the most recent first: a flood of tags does not
+// grow them, and a tag seen in the last window keeps its sequence.
+func TestShedCarryBounded(t *testing.T) {
+	c := idleClient(t, nil, &Policy{Version: 1, GlobalMaxWeight: 5, GlobalShedPercent: 50})
+	c.Gate("kept", 1) // turn 1: allowed
+	for w := range 3 {
+		for i := range MaxWindowTags - 1 {
+			c.Gate(fmt.Sprintf("flood-%d-%d", w, i), 1)
+		}
+		c.Gate("kept", 1)
+		cutPulse(t, c, false)
+		m := c.win.shedFrom.Load()
+		require.NotNil(t, m)
+		assert.LessOrEqual(t, len(*m), MaxWindowTags)
+		assert.Contains(t, *m, "kept")
+	}
+	assert.EqualValues(t, 4, (*c.win.shedFrom.Load())["kept"], "its four turns")
+}
+
 // TestShedAfterShutdown: Gate keeps answering from the last state after
 // Shutdown, shedding included, and counts nothing. Before, a tag shed at
 // 100 % was then allowed, and one at 50 % shed none of 100.

@@ -47,8 +47,9 @@ type Policy struct {
 	// the weight check to shed anyway, for a tag without an entry in
 	// TagShedPercents. Shedding is even, not random: of the first k calls,
 	// exactly ⌊k·p/100⌋ are shed, at 25 % one call in four, counted in
-	// parts per million. Each tag a window tracks is counted on its own
-	// within the window; the tags a full window counts under OtherTag
+	// parts per million. Each tag a window tracks is counted on its own,
+	// carried from window to window while it is among the last
+	// MaxWindowTags tags shed; the tags a full window counts under OtherTag
 	// share one count.
 	GlobalShedPercent float64
 

@@ -137,12 +137,16 @@ func (c *Client) cut(final bool) *pulse {
 		c.win = nil
 	} else {
 		c.win = newWindow(c.seed, now)
+		c.win.shedFrom.Store(old.shedFrom.Load())
 		c.keepAll(c.win)
 	}
 	c.publish()
 	// Once the new view is published, a writer that still finds the old
 	// window finds it sealed and writes again in the new one.
 	r := old.report()
+	if c.win != nil {
+		carryTurns(old, c.win)
+	}
 	c.retire(old, c.win)
 	c.usageTotal += r.usage
 	c.bouncedTotal += r.bounced
