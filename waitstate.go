@@ -20,7 +20,7 @@ import (
 )
 
 // Version is the SDK's version, sent in pulses and the User-Agent header.
-const Version = "0.2.0"
+const Version = "0.3.0"
 
 // UserAgent is the User-Agent header of every request.
 const UserAgent = "waitstate-go/" + Version

@@ -5,7 +5,7 @@ go 1.24.0
 require (
 	github.com/gin-gonic/gin v1.10.1
 	github.com/go-chi/chi/v5 v5.2.3
-	github.com/waitstate/waitstate-go v0.0.0
+	github.com/waitstate/waitstate-go v0.3.0
 )
 
 require (

@@ -4,7 +4,7 @@ go 1.24.0
 
 require (
 	github.com/stretchr/testify v1.12.1
-	github.com/waitstate/waitstate-go v0.0.0
+	github.com/waitstate/waitstate-go v0.3.0
 	go.uber.org/goleak v1.3.0
 )
 

@@ -7,7 +7,7 @@ replace github.com/waitstate/waitstate-go => ../..
 require (
 	github.com/redis/go-redis/v9 v9.22.0
 	github.com/stretchr/testify v1.12.1
-	github.com/waitstate/waitstate-go v0.0.0
+	github.com/waitstate/waitstate-go v0.3.0
 	go.uber.org/goleak v1.3.0
 )
 
