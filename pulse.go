@@ -162,7 +162,7 @@ func (c *Client) cut(final bool) *pulse {
 		SiteID:       c.opts.SiteID,
 		SDK:          UserAgent,
 		WindowEndMs:  c.wall().UnixMilli(),
-		WindowMs:     (now - old.start).Milliseconds(),
+		WindowMs:     ceilMillis(now - old.start),
 		Mode:         c.mode.String(),
 		Shadow:       c.opts.Shadow,
 		LocalRules:   slices.Clone(c.local.fired),
@@ -335,4 +335,11 @@ func (c *Client) logTransition(op string, wasFailing bool, err error) bool {
 		c.log.Warn("waitstate: control plane request failing", "op", op, "error", err)
 	}
 	return err != nil
+}
+
+// ceilMillis is d in whole milliseconds, rounded up: a window shorter than
+// a millisecond (a Close right after a cut) still reports a duration, so
+// that a control plane never divides its calls by zero.
+func ceilMillis(d time.Duration) int64 {
+	return int64((d + time.Millisecond - 1) / time.Millisecond)
 }

@@ -178,3 +178,18 @@ func TestPulseWorstCaseFits(t *testing.T) {
 	t.Logf("every tag folded: %d bytes", rest)
 	assert.Less(t, rest, maxPulseBytes*3/4, "room to spare")
 }
+
+// TestWindowMsRoundsUp: a pulse's windowMs is its window rounded up to the
+// millisecond, so a window shorter than one (a Close right after a cut)
+// still reports a duration. Before, it said 0.
+func TestWindowMsRoundsUp(t *testing.T) {
+	var clk fakeClock
+	c := idleClient(t, clk.read, DefaultPolicy())
+	for _, tt := range []struct {
+		window time.Duration
+		want   int64
+	}{{300 * time.Microsecond, 1}, {time.Millisecond, 1}, {1200 * time.Microsecond, 2}, {0, 0}, {20 * time.Second, 20_000}} {
+		clk.advance(tt.window)
+		assert.Equal(t, tt.want, cutPulse(t, c, false).WindowMs, "a window of %v", tt.window)
+	}
+}
