@@ -1,8 +1,10 @@
 package waitstate
 
 import (
+	"encoding/json"
 	"fmt"
 	"math"
+	"strings"
 	"sync/atomic"
 	"time"
 )
@@ -31,6 +33,13 @@ func (m Mode) String() string { return enumName(modeNames[:], int(m)) }
 // MarshalText returns the mode's wire name, so that Stats marshals to
 // readable JSON.
 func (m Mode) MarshalText() ([]byte, error) { return marshalEnum(modeNames[:], int(m), "mode") }
+
+// UnmarshalText accepts a mode's wire name, so that Stats' JSON reads back.
+func (m *Mode) UnmarshalText(text []byte) error {
+	i, err := unmarshalEnum(modeNames[:], text, "mode")
+	*m = Mode(i)
+	return err
+}
 
 // Reason says why Gate answered as it did.
 type Reason uint8
@@ -67,6 +76,14 @@ func (r Reason) String() string { return enumName(reasonNames[:], int(r)) }
 
 // MarshalText returns the reason's wire name.
 func (r Reason) MarshalText() ([]byte, error) { return marshalEnum(reasonNames[:], int(r), "reason") }
+
+// UnmarshalText accepts a reason's wire name, so that Stats' JSON, whose
+// Decisions are keyed by reason, reads back.
+func (r *Reason) UnmarshalText(text []byte) error {
+	i, err := unmarshalEnum(reasonNames[:], text, "reason")
+	*r = Reason(i)
+	return err
+}
 
 // SafeModeStrategy says how Gate answers in safe mode, once a lease has
 // expired without renewal: the control plane has been unreachable, or its
@@ -107,13 +124,9 @@ func (s SafeModeStrategy) MarshalText() ([]byte, error) {
 // UnmarshalText accepts "fixed_rps", "last_policy", "open" or
 // "local_rules".
 func (s *SafeModeStrategy) UnmarshalText(text []byte) error {
-	for i, name := range strategyNames {
-		if string(text) == name {
-			*s = SafeModeStrategy(i)
-			return nil
-		}
-	}
-	return fmt.Errorf("waitstate: unknown safe-mode strategy %q (want fixed_rps, last_policy, open or local_rules)", text)
+	i, err := unmarshalEnum(strategyNames[:], text, "safe-mode strategy")
+	*s = SafeModeStrategy(i)
+	return err
 }
 
 func enumName(names []string, i int) string {
@@ -130,6 +143,17 @@ func marshalEnum(names []string, i int, what string) ([]byte, error) {
 	return []byte(names[i]), nil
 }
 
+// unmarshalEnum is the index of text among names; on error, an unknown
+// name, it is 0 and the error lists the names.
+func unmarshalEnum(names []string, text []byte, what string) (int, error) {
+	for i, name := range names {
+		if string(text) == name {
+			return i, nil
+		}
+	}
+	return 0, fmt.Errorf("waitstate: unknown %s %.32q (want %s)", what, text, strings.Join(names, ", "))
+}
+
 // GateResult is a Gate decision.
 type GateResult struct {
 	// Allowed reports whether the work may proceed.
@@ -143,6 +167,41 @@ type GateResult struct {
 	// Limit is the weight limit the call was held against: +Inf when there
 	// was none (fail-open and safe mode).
 	Limit float64
+}
+
+// MarshalJSON writes r as encoding/json writes its fields, except that an
+// infinite Limit, which encoding/json refuses, is the string "Infinity", as
+// the wire writes an infinite weight: a GateResult logs with slog's JSON
+// handler in every mode.
+func (r GateResult) MarshalJSON() ([]byte, error) {
+	type plain GateResult
+	if !math.IsInf(r.Limit, 1) {
+		return json.Marshal(plain(r))
+	}
+	return json.Marshal(struct {
+		plain
+		Limit string
+	}{plain(r), "Infinity"})
+}
+
+// UnmarshalJSON reads what MarshalJSON writes.
+func (r *GateResult) UnmarshalJSON(data []byte) error {
+	type plain GateResult
+	var v struct {
+		plain
+		Limit json.RawMessage
+	}
+	if err := json.Unmarshal(data, &v); err != nil {
+		return err
+	}
+	*r = GateResult(v.plain)
+	switch {
+	case string(v.Limit) == `"Infinity"`:
+		r.Limit = math.Inf(1)
+	case len(v.Limit) > 0:
+		return json.Unmarshal(v.Limit, &r.Limit)
+	}
+	return nil
 }
 
 // answer is how a view answers Gate.

@@ -3,8 +3,10 @@ package waitstate
 import (
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"math"
 	"runtime"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -46,6 +48,46 @@ func TestModeAndReasonNames(t *testing.T) {
 	b, err := json.Marshal(Stats{Mode: ModeSafeMode})
 	require.NoError(t, err)
 	assert.Contains(t, string(b), `"Mode":"safe_mode"`)
+
+	var m Mode
+	assert.EqualError(t, m.UnmarshalText([]byte("closed")), `waitstate: unknown mode "closed" (want fail_open, enforcing, safe_mode)`)
+	var r Reason
+	assert.ErrorContains(t, r.UnmarshalText([]byte("Allowed")), "unknown reason")
+}
+
+// TestJSONReadsBack: GateResult marshals in every mode, an infinite Limit
+// included (encoding/json refuses +Inf, so slog's JSON handler logged an
+// error in fail-open and safe mode), and GateResult and Stats read back
+// from their JSON.
+func TestJSONReadsBack(t *testing.T) {
+	for _, r := range []GateResult{failOpen, {false, true, ReasonTagMaxWeight, 2.5}, {true, false, ReasonSafeMode, math.Inf(1)}} {
+		b, err := json.Marshal(r)
+		require.NoError(t, err, "%+v", r)
+		var back GateResult
+		require.NoError(t, json.Unmarshal(b, &back), string(b))
+		assert.Equal(t, r, back, string(b))
+	}
+	b, err := json.Marshal(failOpen)
+	require.NoError(t, err)
+	assert.JSONEq(t, `{"Allowed": true, "Shadowed": false, "Reason": "fail_open", "Limit": "Infinity"}`, string(b))
+
+	var logged strings.Builder
+	slog.New(slog.NewJSONHandler(&logged, nil)).Info("gate", "result", failOpen)
+	assert.Contains(t, logged.String(), `"result":{"Allowed":true,"Shadowed":false,"Reason":"fail_open","Limit":"Infinity"}`)
+
+	c := idleClient(t, nil, &Policy{Version: 4, GlobalMaxWeight: 5, TagShedPercents: map[string]float64{"pro": 50}})
+	c.Gate("pro", 1)
+	c.Gate("pro", 1)
+	c.Gate("free", 9)
+	cutPulse(t, c, false)
+	c.Gate("free", 1)
+	st := c.Stats()
+	require.Len(t, st.Decisions, 3)
+	b, err = json.Marshal(st)
+	require.NoError(t, err)
+	var back Stats
+	require.NoError(t, json.Unmarshal(b, &back), string(b))
+	assert.Equal(t, st, back)
 }
 
 // TestGateAllocatesNothing is the allocation guard of the hot path: once a
