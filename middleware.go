@@ -33,10 +33,12 @@ type MiddlewareOptions struct {
 type resultKey struct{}
 
 // ResultFromContext returns the Gate decision that HTTPMiddleware stored in
-// a request's context, and whether there was one.
+// a request's context, and whether there was one. It allocates nothing.
 func ResultFromContext(ctx context.Context) (GateResult, bool) {
-	r, ok := ctx.Value(resultKey{}).(GateResult)
-	return r, ok
+	if r, ok := ctx.Value(resultKey{}).(*GateResult); ok {
+		return *r, true
+	}
+	return GateResult{}, false
 }
 
 // gated is what the middleware allocates for one request, once: the
@@ -53,11 +55,12 @@ type resultContext struct {
 	res GateResult
 }
 
-// Value answers ResultFromContext's key, and passes any other to the
-// parent.
+// Value answers ResultFromContext's key with a pointer to the decision (a
+// pointer fits in an interface without an allocation), and passes any
+// other key to the parent.
 func (c *resultContext) Value(key any) any {
 	if key == (resultKey{}) {
-		return c.res
+		return &c.res
 	}
 	return c.Context.Value(key)
 }
@@ -127,17 +130,53 @@ func (c *Client) RetryAfter(res GateResult) time.Duration {
 // header: whole seconds, rounded up, at least 1. The middleware's default
 // denial sends it; a handler of another framework can too.
 func (c *Client) RetryAfterHeader(res GateResult) string {
-	return strconv.Itoa(max(1, int(math.Ceil(c.RetryAfter(res).Seconds()))))
+	return c.retryAfterValues(res)[0]
 }
 
 // deny writes the default denial: 429, Retry-After (RetryAfterHeader) and
-// a JSON body.
+// a JSON body, with no allocation: the header values and bodies are made
+// once and shared. A header's values are only read once set (net/http
+// writes them; Set replaces them and Add appends to a copy, since each
+// shared slice is full), so sharing them is safe.
 func (c *Client) deny(w http.ResponseWriter, res GateResult) {
 	h := w.Header()
-	h.Set("Retry-After", c.RetryAfterHeader(res))
-	h.Set("Content-Type", "application/json")
+	h["Retry-After"] = c.retryAfterValues(res)
+	h["Content-Type"] = jsonContentType
 	w.WriteHeader(http.StatusTooManyRequests)
-	_, _ = w.Write([]byte(`{"error":"rate_limited","reason":"` + res.Reason.String() + `"}`))
+	body := denyBodies[0]
+	if int(res.Reason) < len(denyBodies) {
+		body = denyBodies[res.Reason]
+	}
+	_, _ = w.Write(body)
+}
+
+// denyBodies are the default denial's bodies, by reason.
+var denyBodies = func() (b [numReasons][]byte) {
+	for r := range b {
+		b[r] = []byte(`{"error":"rate_limited","reason":"` + Reason(r).String() + `"}`)
+	}
+	return b
+}()
+
+// jsonContentType is the default denial's Content-Type values.
+var jsonContentType = []string{"application/json"}
+
+// retryAfterHeader is a Retry-After header's values and the seconds they say.
+type retryAfterHeader struct {
+	secs   int
+	values []string
+}
+
+// retryAfterValues is RetryAfterHeader as a header's values, made anew
+// only when the seconds change (the pulse interval, or safe mode).
+func (c *Client) retryAfterValues(res GateResult) []string {
+	secs := max(1, int(math.Ceil(c.RetryAfter(res).Seconds())))
+	if ra := c.retryAfter.Load(); ra != nil && ra.secs == secs {
+		return ra.values
+	}
+	ra := &retryAfterHeader{secs: secs, values: []string{strconv.Itoa(secs)}}
+	c.retryAfter.Store(ra)
+	return ra.values
 }
 
 // statusWriter remembers the status a handler wrote. Its optional

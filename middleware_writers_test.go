@@ -306,6 +306,21 @@ func TestMiddlewareAllocations(t *testing.T) {
 	bare := testing.AllocsPerRun(200, func() { w.reset(); handler.ServeHTTP(w, req) })
 	gated := testing.AllocsPerRun(200, func() { w.reset(); h.ServeHTTP(w, req) })
 	assert.LessOrEqual(t, gated-bare, 2.0)
+
+	// A denied request costs the same two, its default 429 nothing more,
+	// and reading the decision back allocates nothing.
+	deny := c.HTTPMiddleware(MiddlewareOptions{Tag: func(*http.Request) string { return "pro" },
+		Weight: func(*http.Request) float64 { return 11 }})(handler)
+	denied := testing.AllocsPerRun(200, func() { w.reset(); deny.ServeHTTP(w, req) })
+	assert.Equal(t, http.StatusTooManyRequests, w.code)
+	assert.Equal(t, `{"error":"rate_limited","reason":"global_max_weight"}`, w.body.String())
+	assert.Equal(t, []string{"20"}, w.header["Retry-After"], "the pulse interval in force, DefaultPulseInterval")
+	assert.LessOrEqual(t, denied, 2.0)
+	type otherKey struct{}
+	ctx := context.WithValue(&resultContext{Context: context.Background(), res: failOpen}, otherKey{}, 1) // as other middleware wraps it
+	var got GateResult
+	assert.Zero(t, testing.AllocsPerRun(200, func() { got, _ = ResultFromContext(ctx) }))
+	assert.Equal(t, failOpen, got)
 }
 
 // benchWriter is a reusable ResponseWriter that flushes, as

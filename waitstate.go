@@ -54,6 +54,8 @@ type Client struct {
 	pulseEvery atomic.Int64
 	syncEvery  atomic.Int64
 
+	retryAfter atomic.Pointer[retryAfterHeader] // the middleware's last Retry-After values
+
 	// mu guards the state below and every store to view. Gate never takes it.
 	mu             sync.Mutex
 	mode           Mode
