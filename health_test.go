@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -195,6 +196,19 @@ func TestRecordMetrics(t *testing.T) {
 	c.Record("free", "huge", math.MaxFloat64)
 	p = cutPulse(t, c, false)
 	assert.Equal(t, math.MaxFloat64, p.Tags["free"].Metrics["huge"].Sum)
+}
+
+// TestRecordCopiesNames: a window keeps its own copy of a metric name, as
+// of a tag, so a name the caller builds in a buffer it then reuses stays
+// what it was recorded as.
+func TestRecordCopiesNames(t *testing.T) {
+	c := idleClient(t, nil, DefaultPolicy())
+	buf := []byte("queue_depth")
+	c.Record("free", unsafe.String(&buf[0], len(buf)), 1)
+	copy(buf, "xxxxx_xxxxx") // the caller reuses its buffer
+	p := cutPulse(t, c, false)
+	assert.Contains(t, p.Tags["free"].Metrics, "queue_depth")
+	assert.NotContains(t, p.Tags["free"].Metrics, "xxxxx_xxxxx")
 }
 
 func metricMap(m interface {

@@ -2,6 +2,7 @@ package waitstate
 
 import (
 	"math"
+	"strings"
 	"sync/atomic"
 
 	"github.com/waitstate/waitstate-go/internal/wire"
@@ -14,7 +15,13 @@ const (
 	MaxMetricsPerTag = 8
 
 	// MaxMetricNameBytes bounds a metric name.
-	MaxMetricNameBytes = wire.MaxMetricNameBytes
+	MaxMetricNameBytes = 64
+)
+
+// The bounds above are the wire's: a mismatch does not compile.
+var (
+	_ [MaxMetricNameBytes - wire.MaxMetricNameBytes]struct{}
+	_ [wire.MaxMetricNameBytes - MaxMetricNameBytes]struct{}
 )
 
 // metricSet is one tag's custom metrics in one window: up to
@@ -46,7 +53,7 @@ func (m *metricSet) record(name string, v float64) bool {
 		a := m.slots[i].Load()
 		if a == nil {
 			if fresh == nil {
-				fresh = &metricAgg{name: name}
+				fresh = &metricAgg{name: strings.Clone(name)} // a name of the caller's may share a large buffer
 				fresh.min.Store(math.Float64bits(math.Inf(1)))
 				fresh.max.Store(math.Float64bits(math.Inf(-1)))
 			}

@@ -20,7 +20,13 @@ const (
 	MaxPolicyTags = 10000
 	// MaxTagNameBytes bounds a tag name, in a policy and in Gate: a longer
 	// tag is counted under OtherTag.
-	MaxTagNameBytes = wire.MaxTagNameBytes
+	MaxTagNameBytes = 256
+)
+
+// MaxTagNameBytes is the wire's bound: a mismatch does not compile.
+var (
+	_ [MaxTagNameBytes - wire.MaxTagNameBytes]struct{}
+	_ [wire.MaxTagNameBytes - MaxTagNameBytes]struct{}
 )
 
 // Policy is what the control plane decides: weight limits, and the share of

@@ -39,7 +39,8 @@ func (o Options) secretShown() string {
 	return redacted
 }
 
-// GoString is String, for %#v.
+// GoString is String, for code that asks for a Go-syntax description (fmt
+// itself calls Format for every verb, %#v included).
 func (o Options) GoString() string { return o.String() }
 
 // Format prints o as String does, whatever the verb, so that no verb
@@ -102,7 +103,8 @@ func (c *Client) String() string {
 	return fmt.Sprintf("waitstate.Client{InstanceID:%q Mode:%v PolicyVersion:%d}", c.opts.InstanceID, c.Mode(), c.view.Load().policy.Version)
 }
 
-// GoString is String, for %#v.
+// GoString is String, for code that asks for a Go-syntax description (fmt
+// itself calls Format for every verb, %#v included).
 func (c *Client) GoString() string { return c.String() }
 
 // Format prints c as String does, whatever the verb.
