@@ -236,7 +236,11 @@ type leaseResponse struct {
 	PulseIntervalMs json.RawMessage `json:"pulseIntervalMs"`
 	SyncIntervalMs  json.RawMessage `json:"syncIntervalMs"`
 	Reflex          json.RawMessage `json:"reflex"`
+	Epoch           string          `json:"epoch"`
 }
+
+// maxEpochBytes bounds the epoch an answer names.
+const maxEpochBytes = 128
 
 // Bounds of what a response can set.
 const (
@@ -248,14 +252,17 @@ const (
 // parseLeaseResponse parses a verified body. A malformed body wraps
 // ErrBadResponse and a refused policy ErrBadPolicy: the answer is refused
 // whole. The policy is nil when the body has none ("policy": null or
-// absent); a ttl of 0 means the default lease; intervals of 0 leave those
-// in force.
+// absent); a ttl of 0 means the default lease; an interval of 0 is one the
+// answer leaves out, which returns the client to Options'.
 func parseLeaseResponse(data []byte) (leaseAnswer, error) {
 	var resp leaseResponse
 	if err := json.Unmarshal(data, &resp); err != nil {
 		return leaseAnswer{}, fmt.Errorf("%w: %v", ErrBadResponse, err)
 	}
-	var a leaseAnswer
+	if len(resp.Epoch) > maxEpochBytes {
+		return leaseAnswer{}, fmt.Errorf("%w: an epoch of %d bytes, at most %d", ErrBadResponse, len(resp.Epoch), maxEpochBytes)
+	}
+	a := leaseAnswer{epoch: resp.Epoch}
 	if len(resp.LeaseTTLMs) != 0 && string(resp.LeaseTTLMs) != "null" {
 		ms, err := strconv.ParseFloat(string(resp.LeaseTTLMs), 64)
 		if err != nil || math.IsNaN(ms) {

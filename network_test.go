@@ -446,8 +446,8 @@ func TestProtocolPulseShape(t *testing.T) {
 	for k := range raw {
 		keys = append(keys, k)
 	}
-	assert.ElementsMatch(t, []string{"instanceId", "incarnation", "sdk", "seq", "windowEndMs", "windowMs", "mode", "policyVersion",
-		"usageDelta", "bouncedDelta", "usageTotal", "bouncedTotal", "tags", "health", "shadow"}, keys)
+	assert.ElementsMatch(t, []string{"instanceId", "incarnation", "sdk", "seq", "windowEndMs", "windowMs", "ownPulseIntervalMs", "mode",
+		"policyVersion", "usageDelta", "bouncedDelta", "usageTotal", "bouncedTotal", "tags", "health", "shadow"}, keys)
 	assert.Regexp(t, uuidPattern, p.InstanceID, "a random UUID v4 by default")
 	assert.Regexp(t, `^[0-9a-f]{32}$`, p.Incarnation, "128 random bits in lowercase hex")
 	assert.NotEqual(t, idle.Incarnation, p.Incarnation, "one per New")
@@ -463,6 +463,7 @@ func TestProtocolPulseShape(t *testing.T) {
 	assert.Equal(t, map[string]controlplane.TagCount{"free": {Bounced: 60}, "pro": {Usage: 40}}, p.Tags)
 	assert.InDelta(t, before.UnixMilli(), p.WindowEndMs, 5000)
 	assert.Positive(t, p.WindowMs)
+	assert.EqualValues(t, time.Hour.Milliseconds(), p.OwnIntervalMs, "its own PulseInterval")
 	require.NotNil(t, p.Health)
 	assert.EqualValues(t, 100, p.Health.Requests)
 	assert.EqualValues(t, 2, p.Health.Errors)

@@ -49,14 +49,16 @@ type Options struct {
 	// organisation. If empty, no site is sent.
 	SiteID string
 
-	// PulseInterval is the time between two pulses of telemetry.
-	// If zero, DefaultPulseInterval. Less than MinInterval, negative
-	// included, is an error.
+	// PulseInterval is the time between two pulses of telemetry, unless
+	// the control plane's last answer set another; one that sets none
+	// returns the client to it. If zero, DefaultPulseInterval. Less than
+	// MinInterval, negative included, is an error.
 	PulseInterval time.Duration
 
-	// SyncInterval is the time between two policy fetches.
-	// If zero, DefaultSyncInterval. Less than MinInterval, negative
-	// included, is an error.
+	// SyncInterval is the time between two policy fetches, unless the
+	// control plane's last answer set another, as for PulseInterval. If
+	// zero, DefaultSyncInterval. Less than MinInterval, negative included,
+	// is an error.
 	SyncInterval time.Duration
 
 	// SafeModeMaxRPS is the rate of SafeModeFixedRPS: admissions per second

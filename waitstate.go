@@ -2,6 +2,7 @@ package waitstate
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"log/slog"
@@ -68,6 +69,7 @@ type Client struct {
 	leaseDeadline  time.Duration
 	leaseTimer     *time.Timer
 	pulseGen       uint64 // bumped when a pulse response applies a policy
+	epoch          string // the control plane's state the policy held came from, as its answers name it
 	isReady        bool   // ready is closed
 	closed         bool
 	usageTotal     uint64 // counted in windows already cut
@@ -463,8 +465,9 @@ func (c *Client) Close() error {
 type leaseAnswer struct {
 	policy     *Policy       // nil: none
 	ttl        time.Duration // 0: the default lease
-	pulseEvery time.Duration // 0: unchanged
-	syncEvery  time.Duration // 0: unchanged
+	pulseEvery time.Duration // 0: left out, so Options'
+	syncEvery  time.Duration // 0: left out, so Options'
+	epoch      string        // the control plane's state it comes from; "" if it names none
 	reflex     *reflexBlock  // nil: the site has no rules (or the block was refused)
 	reflexErr  error         // why the block was refused
 	from       *signedAnswer // the answer as received, for the PolicyStore
@@ -487,12 +490,12 @@ func (c *Client) applyLeaseLocked(a leaseAnswer, fromPulse bool, gen uint64) {
 	if c.closed {
 		return
 	}
-	if a.pulseEvery > 0 {
-		c.pulseEvery.Store(int64(a.pulseEvery))
-	}
-	if a.syncEvery > 0 {
-		c.syncEvery.Store(int64(a.syncEvery))
-	}
+	// An answer sets the cadence it carries; one that leaves an interval
+	// out returns the client to its own, so that a cadence set by a
+	// control plane that restarted since, or stopped setting one, does not
+	// outlive it.
+	c.pulseEvery.Store(int64(cmp.Or(a.pulseEvery, c.opts.PulseInterval)))
+	c.syncEvery.Store(int64(cmp.Or(a.syncEvery, c.opts.SyncInterval)))
 	c.keepReflex(a)
 	held, p := c.policy, a.policy
 	switch {
@@ -500,12 +503,21 @@ func (c *Client) applyLeaseLocked(a leaseAnswer, fromPulse bool, gen uint64) {
 	case c.initial, c.restored:
 		// The control plane's first policy replaces the initial or the
 		// restored one, whatever either version.
+	case held != nil && a.epoch != "" && c.epoch != "" && a.epoch != c.epoch:
+		// A control plane made anew, its versions begun again: its policy
+		// replaces the one held at its first answer, pulse or sync,
+		// whatever either version.
+		c.log.Info("waitstate: the control plane restarted; its policy replaces the one held, whatever the versions",
+			"held_version", held.Version, "version", p.Version)
 	case fromPulse && held != nil && p.Version <= held.Version:
 		p = nil // a pulse brings only newer policies
 	case !fromPulse && gen != c.pulseGen && held != nil && held.Version > p.Version:
 		p = nil // a pulse applied a newer policy while the GET was in flight
 	case held != nil && p.equal(held):
 		p = nil // a sync of the policy in force: nothing to apply
+	}
+	if a.policy != nil && a.epoch != "" {
+		c.epoch = a.epoch
 	}
 	if p != nil {
 		if fromPulse {

@@ -113,6 +113,10 @@ type Server struct {
 
 	srv  *httptest.Server
 	quit chan struct{}
+	// epoch names this control plane's state in every answer: a server
+	// made anew, its policies' versions begun again, has another, so that
+	// clients follow it at once.
+	epoch string
 
 	// mu guards the configuration and the maps of keys and tenants; no
 	// pulse holds it while it counts or evaluates rules.
@@ -225,6 +229,7 @@ func NewWithTimeouts(t Timeouts) *Server {
 // Close still releases hung requests.
 func NewUnstarted() *Server {
 	return &Server{
+		epoch:      wire.RandomHex(),
 		now:        time.Now,
 		quit:       make(chan struct{}),
 		keys:       map[string]string{},
@@ -676,8 +681,16 @@ func (st *siteState) evaluate(cfg *resolved, now time.Time) []Event {
 	}
 	switch firing := st.anyFiring(cfg); {
 	case !wasFiring && firing:
-		if normal := st.window.meanWindow(now).Round(10 * time.Millisecond); normal > 0 {
-			st.normal = normal // learned afresh for each incident
+		// The clients' own interval, learned afresh for each incident: the
+		// shortest they declare, so that the incident's never slows one
+		// down, else estimated from the windows of clients that declare
+		// none.
+		normal := st.window.ownInterval(now)
+		if normal == 0 {
+			normal = st.window.meanWindow(now).Round(10 * time.Millisecond)
+		}
+		if normal > 0 {
+			st.normal = normal
 		}
 	case wasFiring && !firing:
 		st.cleared = now

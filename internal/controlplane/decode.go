@@ -469,6 +469,8 @@ func (d *decoder) pulse(p *wire.PulseBody) {
 			d.int(&p.WindowEndMs)
 		case "windowMs":
 			d.int(&p.WindowMs)
+		case "ownPulseIntervalMs":
+			d.int(&p.OwnIntervalMs)
 		case "mode":
 			d.string(&p.Mode)
 		case "policyVersion":

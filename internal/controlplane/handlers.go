@@ -402,16 +402,17 @@ func (s *Server) validToken(secret, key, site, bearer string) bool {
 	return got == site && g == float64(gen)
 }
 
-// leaseBody encodes an answer carrying policy (nil: null) and the reflex
-// block (nil: none). The policy is written as it is, so that a policy set
+// leaseBody encodes an answer carrying policy (nil: null), the reflex
+// block (nil: none) and the server's epoch. The policy is written as it is, so that a policy set
 // with SetPolicyJSON reaches the client even when it is not JSON.
-func leaseBody(policy, block json.RawMessage, cfg *resolved, pulseEvery time.Duration, f Faults) []byte {
+func (s *Server) leaseBody(policy, block json.RawMessage, cfg *resolved, pulseEvery time.Duration, f Faults) []byte {
 	if policy == nil {
 		policy = json.RawMessage("null")
 	}
-	b := make([]byte, 0, len(policy)+len(block)+112)
+	b := make([]byte, 0, len(policy)+len(block)+160)
 	b = append(b, `{"policy":`...)
 	b = append(b, policy...)
+	b = append(append(append(b, `,"epoch":"`...), s.epoch...), '"')
 	if block != nil {
 		b = append(append(b, `,"reflex":`...), block...)
 	}
@@ -457,7 +458,7 @@ func (s *Server) handlePolicy(w http.ResponseWriter, r *http.Request) {
 	if f.NullPolicy {
 		raw = nil
 	}
-	s.answer(w, r, secret, f, leaseBody(raw, block, cfg, pulseEvery, f))
+	s.answer(w, r, secret, f, s.leaseBody(raw, block, cfg, pulseEvery, f))
 }
 
 func (s *Server) handlePulse(w http.ResponseWriter, r *http.Request) {
@@ -531,7 +532,7 @@ func (s *Server) handlePulse(w http.ResponseWriter, r *http.Request) {
 	if f.NullPolicy {
 		policy = nil
 	}
-	s.answer(w, r, secret, f, leaseBody(policy, block, cfg, pulseEvery, f))
+	s.answer(w, r, secret, f, s.leaseBody(policy, block, cfg, pulseEvery, f))
 }
 
 // tagsBounded reports whether every tag of p has a name of at most

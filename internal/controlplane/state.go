@@ -176,6 +176,7 @@ type slot struct {
 	pulses    int
 	windowMs  int64                     // sum of the windowMs of the pulses whose window is an interval
 	windows   int                       // how many pulses those are
+	own       int64                     // the shortest own pulse interval a pulse declared, in ms; 0: none did
 	processes map[*incarnation]struct{} // the processes that pulsed in it
 	site      agg
 	tags      map[string]*agg // the tags the rules watch
@@ -214,12 +215,16 @@ func (w *aggWindow) slot(now time.Time) *slot {
 // is longer than the rule window (the first after an outage covers all of
 // it) adds only the share of its counts that the rule window holds,
 // windowMs being the time they were spread over. Its windowMs counts
-// towards the clients' own interval (meanWindow) only when it is no
-// longer than twice the time since the process's previous pulse arrived:
-// a window that spans an outage, or a stalled answer, is not an interval.
+// towards the estimate of the clients' own interval (meanWindow) only when
+// it is no longer than twice the time since the process's previous pulse
+// arrived: a window that spans an outage, or a stalled answer, is not an
+// interval. Its declared own interval counts as it is (ownInterval).
 func (w *aggWindow) add(p *Pulse, inc *incarnation, now time.Time, watched []string) {
 	s := w.slot(now)
 	s.pulses++
+	if p.OwnIntervalMs > 0 && (s.own == 0 || p.OwnIntervalMs < s.own) {
+		s.own = p.OwnIntervalMs
+	}
 	if inc.gap > 0 && p.WindowMs > 0 && time.Duration(p.WindowMs)*time.Millisecond <= 2*inc.gap {
 		s.windowMs += p.WindowMs
 		s.windows++
@@ -411,9 +416,22 @@ func (a *agg) quantiles() (p50, p95, p99 float64) {
 	return wire.HistQuantile(a.hist, 0.50), wire.HistQuantile(a.hist, 0.95), wire.HistQuantile(a.hist, 0.99)
 }
 
+// ownInterval is the shortest own pulse interval the window's pulses
+// declared, 0 if none did: the clients' configured cadence, exact, where
+// meanWindow can only estimate it from the windows they sent.
+func (w *aggWindow) ownInterval(now time.Time) time.Duration {
+	var own int64
+	w.live(now, func(s *slot) {
+		if s.own > 0 && (own == 0 || s.own < own) {
+			own = s.own
+		}
+	})
+	return time.Duration(own) * time.Millisecond
+}
+
 // meanWindow is the mean windowMs of the pulses within the window whose
-// window is an interval (add): the pulse interval the site's clients use
-// on their own; 0 when there are none.
+// window is an interval (add): an estimate of the pulse interval of the
+// site's clients that do not declare theirs; 0 when there are none.
 func (w *aggWindow) meanWindow(now time.Time) time.Duration {
 	var sum int64
 	var n int

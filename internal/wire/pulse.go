@@ -3,13 +3,17 @@ package wire
 // PulseBody is the body of POST /v1/pulse: the SDK encodes it, the control
 // plane decodes it.
 type PulseBody struct {
-	InstanceID    string              `json:"instanceId"`
-	Incarnation   string              `json:"incarnation,omitempty"` // 128 random bits in hex, drawn once per process
-	SiteID        string              `json:"siteId,omitempty"`
-	SDK           string              `json:"sdk"`
-	Seq           uint64              `json:"seq"`
-	WindowEndMs   int64               `json:"windowEndMs"` // Unix ms when the window was cut
-	WindowMs      int64               `json:"windowMs"`    // the time it covered
+	InstanceID  string `json:"instanceId"`
+	Incarnation string `json:"incarnation,omitempty"` // 128 random bits in hex, drawn once per process
+	SiteID      string `json:"siteId,omitempty"`
+	SDK         string `json:"sdk"`
+	Seq         uint64 `json:"seq"`
+	WindowEndMs int64  `json:"windowEndMs"` // Unix ms when the window was cut
+	WindowMs    int64  `json:"windowMs"`    // the time it covered
+	// OwnIntervalMs is the instance's own pulse interval, which it keeps
+	// when answers set none: what a control plane speeds up from in an
+	// incident. 0 (absent) from an instance that does not say.
+	OwnIntervalMs int64               `json:"ownPulseIntervalMs,omitempty"`
 	Mode          string              `json:"mode"`
 	PolicyVersion int64               `json:"policyVersion"`
 	Shadow        bool                `json:"shadow"`
