@@ -2,6 +2,7 @@ package waitstate
 
 import (
 	"bytes"
+	"cmp"
 	"encoding/json"
 	"fmt"
 	"slices"
@@ -72,6 +73,36 @@ func (r Rule) Validate() error {
 // MarshalJSON writes r in the control plane's schema: a cap's maxWeight
 // and a throttle's percent always, even when 0.
 func (r Rule) MarshalJSON() ([]byte, error) { return json.Marshal(r.internal()) }
+
+// UnmarshalJSON reads r as the control plane's answers carry it. It is
+// lenient where a user's rule file is not: keys it does not know (a newer
+// control plane's) are skipped, and a rule the client cannot evaluate is
+// kept for Validate to explain. As the schema says, a rule with a
+// maxWeight and no action is a cap, and "admitPercent" is another spelling
+// of "percent".
+func (r *Rule) UnmarshalJSON(data []byte) error {
+	type plain Rule
+	var v struct {
+		plain
+		Percent      *float64 `json:"percent"`
+		AdmitPercent *float64 `json:"admitPercent"`
+		MaxWeight    *float64 `json:"maxWeight"`
+	}
+	if err := json.Unmarshal(data, &v); err != nil {
+		return err
+	}
+	*r = Rule(v.plain)
+	if p := cmp.Or(v.Percent, v.AdmitPercent); p != nil {
+		r.AdmitPercent = *p
+	}
+	if v.MaxWeight != nil {
+		r.MaxWeight = *v.MaxWeight
+		if r.Action == "" {
+			r.Action = string(reflex.ActionCap)
+		}
+	}
+	return nil
+}
 
 func (r Rule) internal() reflex.Rule {
 	return reflex.Rule{Name: r.Name, MetricTag: r.MetricTag, Metric: reflex.Metric(r.Metric), Operator: r.Operator,

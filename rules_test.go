@@ -176,6 +176,17 @@ func TestRuleJSONRoundTrip(t *testing.T) {
 	require.NoError(t, json.Unmarshal(out, &back))
 	assert.Equal(t, r, back)
 
+	// As answers carry it: a rule with a maxWeight and no action is a cap,
+	// and "admitPercent" is read as "percent"; unknown keys are skipped.
+	var legacy, spelled Rule
+	require.NoError(t, json.Unmarshal([]byte(`{"name": "legacy", "metric": "error_rate", "operator": ">", "threshold": 0.5,
+	  "tagName": "free", "maxWeight": 0, "since": "v9"}`), &legacy))
+	assert.Equal(t, Rule{Name: "legacy", Metric: "error_rate", Operator: ">", Threshold: 0.5, TagName: "free", Action: "cap"}, legacy)
+	assert.NoError(t, legacy.Validate())
+	require.NoError(t, json.Unmarshal([]byte(`{"name": "t", "metric": "error_rate", "operator": ">", "threshold": 0.5,
+	  "tagName": "pro", "action": "throttle", "admitPercent": 20}`), &spelled))
+	assert.Equal(t, 20.0, spelled.AdmitPercent)
+
 	for name, bad := range map[string]Rule{
 		"no name":         {Metric: "error_rate", Operator: ">", Action: "block"},
 		"name too long":   {Name: strings.Repeat("n", MaxTagNameBytes+1), Metric: "error_rate", Operator: ">", Action: "block"},
