@@ -333,6 +333,35 @@ func TestApplyLeaseVersionRules(t *testing.T) {
 	assert.EqualValues(t, 12, c.Policy().Version)
 }
 
+// TestApplyLeaseEpochs: a policy from another epoch (a control plane made
+// anew) replaces the held one whatever the versions, from a pulse answer
+// too; an answer of the old epoch to a request sent before the new epoch
+// last answered (overtaken in flight) applies nothing, so the client does
+// not flip back.
+func TestApplyLeaseEpochs(t *testing.T) {
+	var clk fakeClock
+	c := idleClient(t, clk.read, nil)
+	v := func(n int64) *Policy { return &Policy{Version: n, GlobalMaxWeight: float64(n)} }
+	at := func(d time.Duration) time.Duration { clk.now.Store(int64(d)); return d }
+
+	c.applyLease(leaseAnswer{policy: v(7), ttl: time.Hour, epoch: "old", sent: at(time.Second)}, true, 0)
+	assert.EqualValues(t, 7, c.Policy().Version)
+	c.applyLease(leaseAnswer{policy: v(6), ttl: time.Hour, epoch: "old", sent: at(2 * time.Second)}, true, 0)
+	assert.EqualValues(t, 7, c.Policy().Version, "within an epoch, a pulse brings only newer policies")
+
+	sent := at(3 * time.Second) // a GET to the old process, answered late
+	c.applyLease(leaseAnswer{policy: v(1), ttl: time.Hour, epoch: "new", sent: at(4 * time.Second)}, true, 0)
+	assert.EqualValues(t, 1, c.Policy().Version, "the new epoch's policy, from a pulse answer")
+	at(5 * time.Second)
+	c.applyLease(leaseAnswer{policy: v(7), ttl: time.Hour, epoch: "old", sent: sent}, false, c.pulseGenNow())
+	assert.EqualValues(t, 1, c.Policy().Version, "the old process's answer, overtaken in flight, applies nothing")
+
+	c.applyLease(leaseAnswer{policy: v(2), ttl: time.Hour, epoch: "new", sent: at(6 * time.Second)}, true, 0)
+	assert.EqualValues(t, 2, c.Policy().Version)
+	c.applyLease(leaseAnswer{policy: v(5), ttl: time.Hour, epoch: "third", sent: at(7 * time.Second)}, false, c.pulseGenNow())
+	assert.EqualValues(t, 5, c.Policy().Version, "and another restart after it")
+}
+
 func TestLeaseExpiryAndRenewal(t *testing.T) {
 	c := idleClient(t, nil, nil)
 	c.applyLease(leaseAnswer{policy: &Policy{Version: 2, GlobalMaxWeight: 0}, ttl: 50 * time.Millisecond}, false, 0)

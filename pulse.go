@@ -80,6 +80,7 @@ func (c *Client) pulseTick(ctx context.Context) error {
 // signature verifies acknowledges p even when its body does not parse.
 func (c *Client) sendPulse(ctx context.Context, p *pulse) (pulseOutcome, error) {
 	rctx, cancel := context.WithTimeout(ctx, requestTimeout(c.pulseInterval()))
+	sent := c.clock()
 	ans, err := c.do(rctx, call{op: "pulse", method: http.MethodPost, path: wire.PathPulse, body: p.body, signed: true})
 	cancel()
 	if err != nil {
@@ -103,7 +104,7 @@ func (c *Client) sendPulse(ctx context.Context, p *pulse) (pulseOutcome, error) 
 		c.setError(err)
 		return pulseAcked, fmt.Errorf("waitstate: pulse response: %w", err)
 	}
-	a.from = ans
+	a.from, a.sent = ans, sent
 	c.applyLease(a, true, 0)
 	return pulseAcked, nil
 }

@@ -69,7 +69,7 @@ func (c *Client) syncOnce(ctx context.Context, st *syncState) error {
 	if err := c.ensureToken(ctx, st); err != nil {
 		return err
 	}
-	gen := c.pulseGenNow()
+	gen, sent := c.pulseGenNow(), c.clock()
 	ans, err := c.getPolicy(ctx, st.tok.value)
 	var se *StatusError
 	if errors.As(err, &se) && se.StatusCode == http.StatusUnauthorized {
@@ -77,7 +77,7 @@ func (c *Client) syncOnce(ctx context.Context, st *syncState) error {
 		if err := c.ensureToken(ctx, st); err != nil {
 			return err
 		}
-		gen = c.pulseGenNow()
+		gen, sent = c.pulseGenNow(), c.clock()
 		ans, err = c.getPolicy(ctx, st.tok.value)
 	}
 	if err != nil {
@@ -91,7 +91,7 @@ func (c *Client) syncOnce(ctx context.Context, st *syncState) error {
 		c.policyErrors.Add(1)
 		return fmt.Errorf("waitstate: policy: %w", err)
 	}
-	a.from = ans
+	a.from, a.sent = ans, sent
 	c.applyLease(a, false, gen)
 	return nil
 }

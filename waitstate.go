@@ -68,9 +68,10 @@ type Client struct {
 	win            *window      // the live window; nil after the final cut
 	leaseDeadline  time.Duration
 	leaseTimer     *time.Timer
-	pulseGen       uint64 // bumped when a pulse response applies a policy
-	epoch          string // the control plane's state the policy held came from, as its answers name it
-	isReady        bool   // ready is closed
+	pulseGen       uint64        // bumped when a pulse response applies a policy
+	epoch          string        // the control plane's state the policy held came from, as its answers name it
+	epochSeen      time.Duration // client clock when an answer of that epoch was last applied
+	isReady        bool          // ready is closed
 	closed         bool
 	usageTotal     uint64 // counted in windows already cut
 	bouncedTotal   uint64
@@ -468,6 +469,7 @@ type leaseAnswer struct {
 	pulseEvery time.Duration // 0: left out, so Options'
 	syncEvery  time.Duration // 0: left out, so Options'
 	epoch      string        // the control plane's state it comes from; "" if it names none
+	sent       time.Duration // client clock when its request was sent; 0 for a restored answer
 	reflex     *reflexBlock  // nil: the site has no rules (or the block was refused)
 	reflexErr  error         // why the block was refused
 	from       *signedAnswer // the answer as received, for the PolicyStore
@@ -498,12 +500,20 @@ func (c *Client) applyLeaseLocked(a leaseAnswer, fromPulse bool, gen uint64) {
 	c.syncEvery.Store(int64(cmp.Or(a.syncEvery, c.opts.SyncInterval)))
 	c.keepReflex(a)
 	held, p := c.policy, a.policy
+	newEpoch := held != nil && a.epoch != "" && c.epoch != "" && a.epoch != c.epoch
+	if newEpoch && a.sent < c.epochSeen {
+		// Another epoch's answer to a request sent before the held epoch
+		// last answered: from a process since replaced, overtaken by its
+		// successor's answers. Its versions are not comparable with the
+		// held policy's: it applies nothing.
+		p, newEpoch = nil, false
+	}
 	switch {
 	case p == nil:
 	case c.initial, c.restored:
 		// The control plane's first policy replaces the initial or the
 		// restored one, whatever either version.
-	case held != nil && a.epoch != "" && c.epoch != "" && a.epoch != c.epoch:
+	case newEpoch:
 		// A control plane made anew, its versions begun again: its policy
 		// replaces the one held at its first answer, pulse or sync,
 		// whatever either version.
@@ -516,8 +526,10 @@ func (c *Client) applyLeaseLocked(a leaseAnswer, fromPulse bool, gen uint64) {
 	case held != nil && p.equal(held):
 		p = nil // a sync of the policy in force: nothing to apply
 	}
-	if a.policy != nil && a.epoch != "" {
-		c.epoch = a.epoch
+	switch {
+	case a.epoch == "":
+	case p != nil, a.epoch == c.epoch:
+		c.epoch, c.epochSeen = a.epoch, c.clock() // the epoch of the policy held
 	}
 	if p != nil {
 		if fromPulse {
