@@ -2,7 +2,6 @@ package waitstate
 
 import (
 	"bytes"
-	"cmp"
 	"encoding/json"
 	"fmt"
 	"slices"
@@ -81,26 +80,13 @@ func (r Rule) MarshalJSON() ([]byte, error) { return json.Marshal(r.internal()) 
 // maxWeight and no action is a cap, and "admitPercent" is another spelling
 // of "percent".
 func (r *Rule) UnmarshalJSON(data []byte) error {
-	type plain Rule
-	var v struct {
-		plain
-		Percent      *float64 `json:"percent"`
-		AdmitPercent *float64 `json:"admitPercent"`
-		MaxWeight    *float64 `json:"maxWeight"`
-	}
-	if err := json.Unmarshal(data, &v); err != nil {
+	rr, err := reflex.DecodeLenient(data)
+	if err != nil {
 		return err
 	}
-	*r = Rule(v.plain)
-	if p := cmp.Or(v.Percent, v.AdmitPercent); p != nil {
-		r.AdmitPercent = *p
-	}
-	if v.MaxWeight != nil {
-		r.MaxWeight = *v.MaxWeight
-		if r.Action == "" {
-			r.Action = string(reflex.ActionCap)
-		}
-	}
+	*r = Rule{Name: rr.Name, MetricTag: rr.MetricTag, Metric: string(rr.Metric), Operator: rr.Operator, Threshold: rr.Threshold,
+		TagName: rr.TagName, Action: string(rr.Action), AdmitPercent: rr.AdmitPercent, MaxWeight: rr.MaxWeight,
+		CooldownSeconds: rr.CooldownSeconds}
 	return nil
 }
 

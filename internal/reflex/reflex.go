@@ -8,6 +8,7 @@ package reflex
 
 import (
 	"bytes"
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -100,13 +101,28 @@ type Rule struct {
 var ruleKeys = []string{"name", "metricTag", "metric", "operator", "threshold", "tagName",
 	"action", "percent", "admitPercent", "maxWeight", "cooldownSeconds"}
 
-// UnmarshalJSON reads a rule. It refuses keys the schema does not have,
-// naming them (a misspelled "metricTag" would otherwise watch the whole
-// site), a rule that says neither what to do (an action) nor a weight limit
-// (a cap), a throttle without the share it admits, and a cap without a
-// weight limit. The share a throttle admits is "percent" or "admitPercent",
-// not both; MarshalJSON writes "percent".
-func (r *Rule) UnmarshalJSON(data []byte) error {
+// UnmarshalJSON reads a rule strictly, as from a user's rule file. It
+// refuses keys the schema does not have, naming them (a misspelled
+// "metricTag" would otherwise watch the whole site), a rule that says
+// neither what to do (an action) nor a weight limit (a cap), a throttle
+// without the share it admits, and a cap without a weight limit. The
+// share a throttle admits is "percent" or "admitPercent", not both;
+// MarshalJSON writes "percent". A rule with a maxWeight and no action
+// reads as a cap, said in full, so that Validate can tell it from a rule
+// built with no action.
+func (r *Rule) UnmarshalJSON(data []byte) error { return r.decode(data, true) }
+
+// DecodeLenient reads a rule as a control plane's answers carry it: as
+// UnmarshalJSON does, except that keys the schema does not have (a newer
+// control plane's) are skipped, and what is missing is left for Validate
+// to explain.
+func DecodeLenient(data []byte) (Rule, error) {
+	var r Rule
+	err := r.decode(data, false)
+	return r, err
+}
+
+func (r *Rule) decode(data []byte, strict bool) error {
 	type plain Rule
 	var raw struct {
 		plain
@@ -117,6 +133,29 @@ func (r *Rule) UnmarshalJSON(data []byte) error {
 	if err := json.Unmarshal(data, &raw); err != nil {
 		return err
 	}
+	admit := cmp.Or(raw.Percent, raw.AdmitPercent)
+	if strict {
+		if err := strictChecks(data, raw.Name, raw.Action, raw.Percent, raw.AdmitPercent, raw.MaxWeight); err != nil {
+			return err
+		}
+	}
+	*r = Rule(raw.plain)
+	if admit != nil {
+		r.AdmitPercent = *admit
+	}
+	if raw.MaxWeight != nil {
+		r.MaxWeight = *raw.MaxWeight
+		if r.Action == "" {
+			r.Action = ActionCap
+		}
+	}
+	return nil
+}
+
+// strictChecks are what UnmarshalJSON refuses and DecodeLenient lets
+// through: unknown keys, both spellings of the share admitted, and an
+// action without the value it needs.
+func strictChecks(data []byte, name string, action Action, percent, admitPercent, maxWeight *float64) error {
 	var keys map[string]json.RawMessage
 	if err := json.Unmarshal(data, &keys); err != nil {
 		return err
@@ -129,33 +168,18 @@ func (r *Rule) UnmarshalJSON(data []byte) error {
 	}
 	if len(unknown) > 0 {
 		slices.Sort(unknown)
-		return fmt.Errorf("rule %q: unknown keys %s (a rule's keys are %s)", raw.Name,
+		return fmt.Errorf("rule %q: unknown keys %s (a rule's keys are %s)", name,
 			strings.Join(unknown, ", "), strings.Join(ruleKeys, ", "))
 	}
-	admit := raw.Percent
 	switch {
-	case raw.Percent != nil && raw.AdmitPercent != nil:
-		return fmt.Errorf("rule %q: percent and admitPercent are one key: give one", raw.Name)
-	case raw.AdmitPercent != nil:
-		admit = raw.AdmitPercent
-	}
-	switch {
-	case raw.Action == "" && raw.MaxWeight == nil:
-		return fmt.Errorf("rule %q: no action and no maxWeight", raw.Name)
-	case raw.Action == ActionThrottle && admit == nil:
-		return fmt.Errorf("rule %q: throttle without a percent", raw.Name)
-	case raw.Action == ActionCap && raw.MaxWeight == nil:
-		return fmt.Errorf("rule %q: cap without a maxWeight", raw.Name)
-	}
-	*r = Rule(raw.plain)
-	if r.Action == "" {
-		r.Action = ActionCap // said in full, so that Validate can tell it from a rule with no action
-	}
-	if admit != nil {
-		r.AdmitPercent = *admit
-	}
-	if raw.MaxWeight != nil {
-		r.MaxWeight = *raw.MaxWeight
+	case percent != nil && admitPercent != nil:
+		return fmt.Errorf("rule %q: percent and admitPercent are one key: give one", name)
+	case action == "" && maxWeight == nil:
+		return fmt.Errorf("rule %q: no action and no maxWeight", name)
+	case action == ActionThrottle && percent == nil && admitPercent == nil:
+		return fmt.Errorf("rule %q: throttle without a percent", name)
+	case action == ActionCap && maxWeight == nil:
+		return fmt.Errorf("rule %q: cap without a maxWeight", name)
 	}
 	return nil
 }
