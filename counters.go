@@ -381,38 +381,34 @@ func (w *window) entry(tag string, h uint64, x *policyIndex) (c *tagCounter, set
 
 // carryTurns tells next, the window that replaced old, where the shed
 // sequences of old's tags ended, and of the tags before old that old did
-// not see: at most MaxWindowTags tags, old's first, then the most recent.
-// Only the cut calls it, once old's report is read; next starts with the
-// map old had, so a tag registered in next before this call starts one
-// window behind.
+// not see: at most MaxWindowTags tags, old's first, then as many of those
+// old was told of as there is room for, in no particular order. Only the
+// cut calls it, once old's report is read; next starts with the map old
+// had, so a tag registered in next before this call starts one window
+// behind.
 func carryTurns(old, next *window) {
-	prior := old.shedFrom.Load()
-	var m map[string]uint64
+	m := make(map[string]uint64)
 	for i := range old.slots {
-		if c := old.slots[i].Load(); c.tracked() {
-			if n := c.turns.Load(); n > 0 {
-				if m == nil {
-					m = make(map[string]uint64)
-				}
-				m[c.tag] = n
-			}
+		c := old.slots[i].Load()
+		if !c.tracked() {
+			continue
+		}
+		if n := c.turns.Load(); n > 0 {
+			m[c.tag] = n
 		}
 	}
-	if prior != nil {
+	if prior := old.shedFrom.Load(); prior != nil {
 		for tag, n := range *prior {
 			if len(m) >= MaxWindowTags {
 				break
 			}
 			if _, ok := m[tag]; !ok {
-				if m == nil {
-					m = make(map[string]uint64, len(*prior))
-				}
 				m[tag] = n
 			}
 		}
 	}
-	if m == nil {
-		next.shedFrom.Store(nil)
+	if len(m) == 0 {
+		next.shedFrom.Store(nil) // nothing sheds by the global percent
 		return
 	}
 	next.shedFrom.Store(&m)

@@ -54,9 +54,9 @@ type Policy struct {
 	// TagShedPercents. Shedding is even, not random: of the first k calls,
 	// exactly ⌊k·p/100⌋ are shed, at 25 % one call in four, counted in
 	// parts per million. Each tag a window tracks is counted on its own,
-	// carried from window to window while it is among the last
-	// MaxWindowTags tags shed; the tags a full window counts under OtherTag
-	// share one count.
+	// carried from window to window (for at most MaxWindowTags tags, those
+	// of the last window first); the tags a full window counts under
+	// OtherTag share one count.
 	GlobalShedPercent float64
 
 	// TagShedPercents holds per-tag shed percents; an entry replaces

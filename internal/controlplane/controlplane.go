@@ -419,8 +419,9 @@ func (s *Server) SetObserver(o Observer) {
 // carry while one of its rules is fired ("" is the default for sites
 // without one of their own). Unset, it is min(normal, max(normal/4,
 // 250 ms)), normal being the interval of SetIntervals or, without one, the
-// interval the site's clients were pulsing at when the incident began; it
-// never slows a fleet down. After every rule has cleared, answers carry the
+// site's clients' own when the incident began: the shortest their pulses
+// declare (ownPulseIntervalMs), else estimated from their windows; it
+// never slows a client down. After every rule has cleared, answers carry the
 // normal interval again; one learned from the clients is left out again a
 // lease later, so that clients that join later keep their own.
 func (s *Server) SetIncidentPulseInterval(site string, d time.Duration) {

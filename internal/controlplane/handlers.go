@@ -403,8 +403,9 @@ func (s *Server) validToken(secret, key, site, bearer string) bool {
 }
 
 // leaseBody encodes an answer carrying policy (nil: null), the reflex
-// block (nil: none) and the server's epoch. The policy is written as it is, so that a policy set
-// with SetPolicyJSON reaches the client even when it is not JSON.
+// block (nil: none) and the server's epoch. The policy is written as it
+// is, so that a policy set with SetPolicyJSON reaches the client even when
+// it is not JSON.
 func (s *Server) leaseBody(policy, block json.RawMessage, cfg *resolved, pulseEvery time.Duration, f Faults) []byte {
 	if policy == nil {
 		policy = json.RawMessage("null")

@@ -222,9 +222,7 @@ func (w *aggWindow) slot(now time.Time) *slot {
 func (w *aggWindow) add(p *Pulse, inc *incarnation, now time.Time, watched []string) {
 	s := w.slot(now)
 	s.pulses++
-	if p.OwnIntervalMs > 0 && (s.own == 0 || p.OwnIntervalMs < s.own) {
-		s.own = p.OwnIntervalMs
-	}
+	s.own = minDeclared(s.own, p.OwnIntervalMs)
 	if inc.gap > 0 && p.WindowMs > 0 && time.Duration(p.WindowMs)*time.Millisecond <= 2*inc.gap {
 		s.windowMs += p.WindowMs
 		s.windows++
@@ -421,12 +419,20 @@ func (a *agg) quantiles() (p50, p95, p99 float64) {
 // meanWindow can only estimate it from the windows they sent.
 func (w *aggWindow) ownInterval(now time.Time) time.Duration {
 	var own int64
-	w.live(now, func(s *slot) {
-		if s.own > 0 && (own == 0 || s.own < own) {
-			own = s.own
-		}
-	})
+	w.live(now, func(s *slot) { own = minDeclared(own, s.own) })
 	return time.Duration(own) * time.Millisecond
+}
+
+// minDeclared is the shorter of two declared intervals, 0 standing for
+// none declared.
+func minDeclared(a, b int64) int64 {
+	switch {
+	case a <= 0:
+		return max(b, 0)
+	case b <= 0:
+		return a
+	}
+	return min(a, b)
 }
 
 // meanWindow is the mean windowMs of the pulses within the window whose
